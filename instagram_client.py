@@ -1,0 +1,195 @@
+"""Send replies through the Instagram Graph API; map its errors, once, to GraphAPIError.
+
+The access token travels only in the Authorization header, so it never
+appears in a URL, an exception message or a log line. Errors from
+``requests`` are rewritten here, because their text can carry the URL.
+"""
+
+import json
+import logging
+import time
+
+import requests
+from urllib3.exceptions import NewConnectionError
+
+from errors import GraphAPIError
+from security import redact
+
+log = logging.getLogger(__name__)
+
+# Codes Meta documents as worth retrying; 4, 17, 32 and 613 are rate limits.
+RATE_LIMIT_CODES = frozenset({4, 17, 32, 613})
+TRANSIENT_CODES = RATE_LIMIT_CODES | {1, 2, 341, 1200}
+# Subcodes of code 10 that mean "outside the allowed messaging window".
+OUTSIDE_WINDOW_SUBCODES = frozenset({2018278, 2534022})
+
+
+def classify(http_status, code, subcode, is_transient):
+    """Return (transient, reason) for a Graph error; reason names a permanent one.
+
+    Decides by HTTP status, code, subcode and is_transient, never by message text.
+    """
+    if code == 190:
+        return False, "token_invalid"
+    if code == 10 and subcode in OUTSIDE_WINDOW_SUBCODES:
+        return False, "outside_window"
+    if code == 551:
+        return False, "recipient_unavailable"
+    if is_transient is True or code in TRANSIENT_CODES:
+        return True, None
+    if http_status == 429 or (http_status is not None and http_status >= 500):
+        return True, None
+    if code in (3, 10, 368) or (code is not None and 200 <= code <= 299):
+        return False, "permission_denied"
+    return False, "bad_request"
+
+
+def retry_after_seconds(headers):
+    """Return how long Meta asked us to wait, in seconds, or None if it did not say."""
+    waits = []
+    retry_after = headers.get("Retry-After")
+    if retry_after and retry_after.strip().isdigit():
+        waits.append(int(retry_after.strip()))
+    usage = headers.get("X-Business-Use-Case-Usage")
+    if usage:
+        try:
+            for entries in json.loads(usage).values():
+                for entry in entries:
+                    minutes = entry.get("estimated_time_to_regain_access") or 0
+                    waits.append(int(minutes) * 60)
+        except (ValueError, TypeError, AttributeError):
+            log.debug("X-Business-Use-Case-Usage header is not the documented JSON")
+    return max(waits) if waits and max(waits) > 0 else None
+
+
+def error_from_response(response, secrets=()):
+    """Build the GraphAPIError for an HTTP answer that is not a success."""
+    try:
+        error = response.json().get("error") or {}
+    except (ValueError, AttributeError):
+        error = {}
+    if not isinstance(error, dict):
+        error = {}
+    code = _int_or_none(error.get("code"))
+    subcode = _int_or_none(error.get("error_subcode"))
+    transient, reason = classify(
+        response.status_code, code, subcode, error.get("is_transient")
+    )
+    if code in RATE_LIMIT_CODES or response.status_code == 429:
+        retry_after = retry_after_seconds(response.headers)
+    else:
+        retry_after = None
+
+    message = error.get("message")
+    text = (
+        redact(message, secrets)[:200]
+        if isinstance(message, str)
+        else "no error message"
+    )
+    return GraphAPIError(
+        f"Graph API answered HTTP {response.status_code}: {text}",
+        http_status=response.status_code,
+        code=code,
+        subcode=subcode,
+        error_type=error.get("type") if isinstance(error.get("type"), str) else None,
+        trace_id=error.get("fbtrace_id")
+        if isinstance(error.get("fbtrace_id"), str)
+        else None,
+        transient=transient,
+        reason=reason,
+        retry_after=retry_after,
+    )
+
+
+class InstagramClient:
+    """A small client for the Send API of one Instagram business account."""
+
+    def __init__(self, settings, session=None):
+        self.base_url = f"{settings.graph_api_base}/{settings.graph_api_version}"
+        self.account_id = settings.account_id
+        self.timeout = settings.graph_timeout_seconds
+        self._token = settings.access_token
+        self._secrets = (settings.access_token, *settings.app_secrets)
+        self.session = session or requests.Session()
+        #: Graph error code of the last failed call, or None after a success.
+        self.last_error_code = None
+
+    def send_text(self, recipient_id, text):
+        """Send a text message to a user; return the Graph API's message_id."""
+        return self._send(
+            {"recipient": {"id": recipient_id}, "message": {"text": text}}
+        )
+
+    def send_private_reply(self, comment_id, text):
+        """Answer a comment with a private message; return the message_id."""
+        return self._send(
+            {"recipient": {"comment_id": comment_id}, "message": {"text": text}}
+        )
+
+    def _send(self, payload):
+        url = f"{self.base_url}/{self.account_id}/messages"
+        response = self._post(url, payload)
+        if response.status_code >= 400:
+            error = error_from_response(response, self._secrets)
+            self.last_error_code = error.code
+            raise error
+
+        self.last_error_code = None
+        try:
+            message_id = response.json().get("message_id")
+        except (ValueError, AttributeError):
+            message_id = None
+        if not isinstance(message_id, str) or not message_id:
+            # Meta accepted the call, so the message may well have gone out.
+            raise GraphAPIError(
+                f"Graph API answered HTTP {response.status_code} without a message_id",
+                http_status=response.status_code,
+                transient=True,
+                maybe_sent=True,
+            )
+        return message_id
+
+    def _post(self, url, payload):
+        """POST with the token in the header; rewrite requests' errors without URLs."""
+        started = time.monotonic()
+        try:
+            response = self.session.post(
+                url,
+                json=payload,
+                headers={"Authorization": f"Bearer {self._token}"},
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            # Not chained: requests' own text carries the URL into tracebacks.
+            sent = _may_have_been_sent(exc)
+            raise GraphAPIError(
+                f"Graph API call failed: {type(exc).__name__}"
+                + (" (the request may have reached Meta)" if sent else ""),
+                transient=True,
+                maybe_sent=sent,
+            ) from None
+        log.debug(
+            "Graph API answered HTTP %s in %.0f ms",
+            response.status_code,
+            (time.monotonic() - started) * 1000,
+        )
+        return response
+
+
+def _may_have_been_sent(exc):
+    """Tell whether a failed request may have reached Meta before it failed."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return False
+    if isinstance(exc, requests.ConnectionError):
+        reason = getattr(exc.args[0], "reason", None) if exc.args else None
+        return not isinstance(reason, NewConnectionError)
+    return True
+
+
+def _int_or_none(value):
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

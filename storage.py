@@ -1,0 +1,297 @@
+"""SQLite storage of events, dead letters and the audit trail, shared by web and worker.
+
+Several gunicorn workers and worker processes share one file: the database
+runs in WAL mode with a busy timeout, and every write is a short
+transaction started with BEGIN IMMEDIATE, so it waits for the write lock
+instead of failing half-way.
+"""
+
+import contextlib
+import os
+import sqlite3
+import threading
+from datetime import UTC, datetime, timedelta
+
+import sqlite_utils
+
+from errors import StorageError
+
+SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
+BUSY_TIMEOUT_SECONDS = 5.0
+FINAL_STATUSES = ("done", "ignored", "dead")
+
+
+def now_iso(delta_seconds=0.0):
+    """Return the current UTC time, shifted by delta_seconds, as stored text."""
+    moment = datetime.now(UTC) + timedelta(seconds=delta_seconds)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def iso(epoch_seconds):
+    """Return epoch seconds as stored text, or None."""
+    if epoch_seconds is None:
+        return None
+    moment = datetime.fromtimestamp(epoch_seconds, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(text):
+    """Return stored time text as an aware datetime, or None."""
+    return datetime.fromisoformat(text) if text else None
+
+
+class Store:
+    """One SQLite file, one connection per thread and process."""
+
+    def __init__(self, path):
+        self.path = path
+        self._local = threading.local()
+
+    @property
+    def db(self):
+        """Return this thread's sqlite_utils.Database, connecting on first use."""
+        db = getattr(self._local, "db", None)
+        if db is None or self._local.pid != os.getpid():
+            db = self._local.db = self._connect()
+            self._local.pid = os.getpid()
+        return db
+
+    def _connect(self):
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(
+                f"cannot open the database at DATABASE_PATH: {exc}"
+            ) from exc
+        return sqlite_utils.Database(conn)
+
+    def close(self):
+        """Close this thread's connection, if it has one."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    def init_schema(self):
+        """Create the tables that do not exist yet."""
+        with open(SCHEMA_PATH) as f:
+            self.db.executescript(f.read())
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Run a block as one write transaction that waits for the write lock."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- events ------------------------------------------------------------
+
+    def store_events(self, events):
+        """Insert events; return those that were new, in order.
+
+        One INSERT per event tells, through its row count, whether the row is
+        new, so a redelivered event is never stored or enqueued twice.
+        """
+        received_at = now_iso()
+        new = []
+        with self.transaction() as db:
+            for event in events:
+                cursor = db.execute(
+                    "INSERT INTO webhook_events (event_key, kind, status, account_id,"
+                    " occurred_at, received_at, updated_at, payload)"
+                    " VALUES (?, ?, 'received', ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (event_key) DO NOTHING",
+                    (
+                        event.key,
+                        event.kind,
+                        event.account_id,
+                        iso(event.occurred_at),
+                        received_at,
+                        received_at,
+                        event.payload,
+                    ),
+                )
+                is_new = cursor.rowcount == 1
+                if is_new:
+                    new.append(event)
+                self.audit(event.key, "received" if is_new else "duplicate", event.kind)
+        return new
+
+    def mark_queued(self, keys):
+        """Move events that are still 'received' to 'queued'."""
+        if not keys:
+            return
+        with self.transaction() as db:
+            for key in keys:
+                cursor = db.execute(
+                    "UPDATE webhook_events SET status = 'queued', updated_at = ?"
+                    " WHERE event_key = ? AND status = 'received'",
+                    (now_iso(), key),
+                )
+                if cursor.rowcount:
+                    self.audit(key, "queued")
+
+    def get_event(self, key):
+        """Return the event row as a dict, or None."""
+        rows = list(
+            self.db.query("SELECT * FROM webhook_events WHERE event_key = ?", [key])
+        )
+        return rows[0] if rows else None
+
+    def start_attempt(self, key, lease_seconds):
+        """Take the event for one attempt; return its row, or None if it is not ours.
+
+        Returns None when the event is gone, already final, or held by another
+        worker whose lease has not run out, so a duplicate job does nothing.
+        A 'dead' event may be taken again: that is a requeue or a replay.
+        """
+        now = now_iso()
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE webhook_events SET attempts = attempts + 1, lease_until = ?,"
+                " updated_at = ? WHERE event_key = ?"
+                " AND status NOT IN ('done', 'ignored')"
+                " AND (lease_until IS NULL OR lease_until < ?)",
+                (now_iso(lease_seconds), now, key, now),
+            )
+            if cursor.rowcount != 1:
+                return None
+            return self.get_event(key)
+
+    def mark_send_started(self, key):
+        """Record that a Send API call for this event is about to go out."""
+        self.db.execute(
+            "UPDATE webhook_events SET send_started_at = ? WHERE event_key = ?",
+            (now_iso(), key),
+        )
+
+    def record_reply(self, key, message_id):
+        """Record the reply's message_id and end the event 'done', at once."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE webhook_events SET status = 'done', reply_message_id = ?,"
+                " replied_at = ?, outcome = 'replied', lease_until = NULL,"
+                " updated_at = ? WHERE event_key = ?",
+                (message_id, now_iso(), now_iso(), key),
+            )
+            self.audit(key, "replied")
+            self._resolve_dead_letter(db, key)
+
+    def finish(self, key, status, outcome):
+        """End an event 'done' or 'ignored' with a short outcome."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE webhook_events SET status = ?, outcome = ?, lease_until = NULL,"
+                " updated_at = ? WHERE event_key = ?",
+                (status, outcome, now_iso(), key),
+            )
+            self.audit(key, status, outcome)
+            self._resolve_dead_letter(db, key)
+
+    def release(self, key, action, detail=""):
+        """Give the event back after an attempt that will be retried."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE webhook_events SET lease_until = NULL, updated_at = ?"
+                " WHERE event_key = ?",
+                (now_iso(), key),
+            )
+            self.audit(key, action, detail)
+
+    # -- dead letters --------------------------------------------------------
+
+    def dead_letter(self, key, reason, error, attempts):
+        """End an event 'dead' with exactly one open dead-letter row."""
+        now = now_iso()
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE webhook_events SET status = 'dead', outcome = ?,"
+                " lease_until = NULL, updated_at = ? WHERE event_key = ?",
+                (reason, now, key),
+            )
+            db.execute(
+                "INSERT INTO dead_letter (event_key, reason, error, attempts, status,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, 'open', ?, ?)"
+                " ON CONFLICT (event_key) DO UPDATE SET reason = excluded.reason,"
+                " error = excluded.error, attempts = excluded.attempts,"
+                " status = 'open', updated_at = excluded.updated_at",
+                (key, reason, error, attempts, now, now),
+            )
+            self.audit(key, "dead_lettered", reason)
+
+    def store_unparseable(self, key, raw_text, problem):
+        """Keep a signed body we cannot read, as a dead event; return True if new."""
+        now = now_iso()
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO webhook_events (event_key, kind, status, received_at,"
+                " updated_at, payload, outcome)"
+                " VALUES (?, 'unparseable', 'dead', ?, ?, ?, 'unparseable')"
+                " ON CONFLICT (event_key) DO NOTHING",
+                (key, now, now, raw_text),
+            )
+            if cursor.rowcount != 1:
+                self.audit(key, "duplicate", "unparseable")
+                return False
+            db.execute(
+                "INSERT INTO dead_letter (event_key, reason, error, attempts, status,"
+                " created_at, updated_at)"
+                " VALUES (?, 'unparseable', ?, 0, 'open', ?, ?)",
+                (key, problem, now, now),
+            )
+            self.audit(key, "received", "unparseable")
+            self.audit(key, "dead_lettered", "unparseable")
+        return True
+
+    def _resolve_dead_letter(self, db, key):
+        db.execute(
+            "UPDATE dead_letter SET status = 'resolved', updated_at = ?"
+            " WHERE event_key = ? AND status IN ('open', 'replayed')",
+            (now_iso(), key),
+        )
+
+    # -- reply cooldown ------------------------------------------------------
+
+    def claim_cooldown(self, sender, key, cooldown_seconds):
+        """Take the sender's reply slot for this event; False if it is taken.
+
+        The slot is free when the last default reply is older than the
+        cooldown, or when it was taken by this same event (a retry).
+        """
+        if cooldown_seconds <= 0:
+            return True
+        now = now_iso()
+        cursor = self.db.execute(
+            "INSERT INTO reply_cooldowns (sender, event_key, replied_at)"
+            " VALUES (?, ?, ?)"
+            " ON CONFLICT (sender) DO UPDATE SET event_key = excluded.event_key,"
+            " replied_at = excluded.replied_at"
+            " WHERE reply_cooldowns.replied_at < ? OR reply_cooldowns.event_key = ?",
+            (sender, key, now, now_iso(-cooldown_seconds), key),
+        )
+        return cursor.rowcount == 1
+
+    def release_cooldown(self, sender, key):
+        """Free the sender's reply slot if this event holds it and sent nothing."""
+        self.db.execute(
+            "DELETE FROM reply_cooldowns WHERE sender = ? AND event_key = ?",
+            (sender, key),
+        )
+
+    # -- audit ---------------------------------------------------------------
+
+    def audit(self, key, action, detail=""):
+        """Add one row to the audit trail."""
+        self.db.execute(
+            "INSERT INTO audit_log (event_key, action, detail, at) VALUES (?, ?, ?, ?)",
+            (key, action, detail, now_iso()),
+        )

@@ -1,0 +1,200 @@
+"""The web side: Meta's handshake, signed deliveries stored once and queued, health.
+
+Serve with ``gunicorn "webhook_app:create_app()"``. Nothing slow happens while
+Meta waits: a delivery is checked, stored in SQLite and put on the queue;
+the worker does the rest.
+"""
+
+import hashlib
+import logging
+import os
+import sqlite3
+
+import click
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from redis.exceptions import RedisError
+from werkzeug.exceptions import HTTPException
+
+import queueing
+import settings as settings_module
+from errors import SignatureError, StorageError
+from events import UnparseableDelivery, parse_delivery
+from security import SIGNATURE_HEADER, token_matches, verify_signature
+from storage import Store
+
+log = logging.getLogger(__name__)
+bp = Blueprint("webhooks", __name__)
+
+MAX_CHALLENGE_LENGTH = 256
+
+
+def create_app(config=None):
+    """Build the app.
+
+    ``config`` is a Settings, or a mapping of setting names (as in the
+    environment) that override the environment; None reads .env and the
+    environment.
+    """
+    if isinstance(config, settings_module.Settings):
+        settings = config
+    elif config is not None:
+        settings = settings_module.from_env({**os.environ, **config})
+    else:
+        settings = settings_module.load()
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["settings"] = settings
+    app.extensions["store"] = Store(settings.database_path)
+    app.extensions["queue"] = queueing.get_queue(settings)
+    app.extensions["store"].init_schema()
+
+    app.register_blueprint(bp)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    app.cli.add_command(init_db_command)
+    return app
+
+
+def _settings():
+    return current_app.extensions["settings"]
+
+
+def _store():
+    return current_app.extensions["store"]
+
+
+@bp.get("/webhooks/instagram")
+def handshake():
+    """Answer Meta's verification handshake with the challenge, or 403."""
+    mode = request.args.get("hub.mode")
+    challenge = request.args.get("hub.challenge")
+
+    if mode != "subscribe" or not token_matches(
+        request.args.get("hub.verify_token"), _settings().verify_token
+    ):
+        log.warning("handshake refused: wrong mode or verify token")
+        return _text("forbidden\n", 403)
+    if not challenge or len(challenge) > MAX_CHALLENGE_LENGTH:
+        log.warning("handshake refused: hub.challenge missing or too long")
+        return _text("hub.challenge is missing or too long\n", 400)
+
+    log.info("handshake answered")
+    return _text(challenge, 200)
+
+
+@bp.post("/webhooks/instagram")
+def receive():
+    """Check the signature, store every event once, enqueue the new ones."""
+    raw = request.get_data(cache=False)
+    delivery = hashlib.sha256(raw).hexdigest()[:12]
+    store = _store()
+
+    # The signature is checked on the raw bytes, before anything is parsed.
+    try:
+        headers = request.headers.getlist(SIGNATURE_HEADER)
+        if len(headers) > 1:
+            raise SignatureError(f"more than one {SIGNATURE_HEADER} header")
+        verify_signature(raw, headers[0] if headers else None, _settings().app_secrets)
+    except SignatureError as exc:
+        log.warning("delivery %s rejected: %s", delivery, exc)
+        _audit_quietly(store, None, "rejected_delivery", str(exc))
+        return jsonify(error=str(exc)), 401
+
+    try:
+        events = parse_delivery(raw, _settings().account_id)
+    except UnparseableDelivery as exc:
+        return _keep_unparseable(store, raw, delivery, str(exc))
+
+    try:
+        new = store.store_events(events)
+    except (sqlite3.Error, StorageError) as exc:
+        log.error("delivery %s not stored, answering 503: %s", delivery, exc)
+        return jsonify(error="storage unavailable, retry later"), 503
+
+    queued = _enqueue(store, new, delivery)
+    log.info(
+        "delivery %s: %d events, %d new, %d duplicate, %d queued",
+        delivery,
+        len(events),
+        len(new),
+        len(events) - len(new),
+        queued,
+    )
+    for event in new:
+        log.debug("delivery %s: event %s kind=%s", delivery, event.key, event.kind)
+    return jsonify(received=len(events), new=len(new)), 200
+
+
+def _enqueue(store, new, delivery):
+    """Queue the new events; if Redis is away they stay 'received' for the relay."""
+    if not new:
+        return 0
+    try:
+        queueing.enqueue_events(
+            current_app.extensions["queue"], [(e.key, e.kind) for e in new], _settings()
+        )
+    except RedisError as exc:
+        log.warning(
+            "delivery %s: %d events stored but not queued (Redis: %s); "
+            "they stay 'received' until the worker's relay queues them",
+            delivery,
+            len(new),
+            type(exc).__name__,
+        )
+        return 0
+    try:
+        store.mark_queued([e.key for e in new])
+    except sqlite3.Error as exc:
+        # The jobs exist; the worker moves the events on regardless.
+        log.warning("delivery %s: could not mark events queued: %s", delivery, exc)
+    return len(new)
+
+
+def _keep_unparseable(store, raw, delivery, problem):
+    """Keep a signed body we cannot read in dead_letter; a retry would not fix it."""
+    key = "unparseable-" + hashlib.sha256(raw).hexdigest()[:20]
+    try:
+        store.store_unparseable(key, raw.decode("utf-8", "backslashreplace"), problem)
+    except (sqlite3.Error, StorageError) as exc:
+        log.error("delivery %s not stored, answering 503: %s", delivery, exc)
+        return jsonify(error="storage unavailable, retry later"), 503
+    log.warning("delivery %s kept as %s in dead_letter: %s", delivery, key, problem)
+    return jsonify(received=0, new=0, unparseable=True), 200
+
+
+@bp.get("/healthz")
+def healthz():
+    """Say that the process is up."""
+    return jsonify(status="ok")
+
+
+def _audit_quietly(store, key, action, detail):
+    try:
+        store.audit(key, action, detail)
+    except (sqlite3.Error, StorageError):
+        log.warning("could not write audit row %s", action)
+
+
+def _text(body, status):
+    response = Response(body, status, mimetype="text/plain")
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+def _http_error(exc):
+    return jsonify(
+        error=exc.description if exc.code != 500 else "internal error"
+    ), exc.code
+
+
+def _unexpected_error(exc):
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return jsonify(error="internal error"), 500
+
+
+@click.command("init-db")
+def init_db_command():
+    """Create the database tables that do not exist yet."""
+    current_app.extensions["store"].init_schema()
+    click.echo(f"database ready at {_settings().database_path}")

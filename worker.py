@@ -1,0 +1,294 @@
+"""The RQ worker: decide what each event needs, send replies, keep what failed.
+
+Run ``python worker.py`` (until SIGTERM) or ``python worker.py --burst``
+(until the queue is empty). A job's only argument is the event key; the
+event itself is read from SQLite.
+
+Retry policy: a transient Graph error returns an RQ ``Retry`` with a delay
+from RETRY_DELAYS (or longer, if Meta asked for it); a permanent one, or
+the last failed retry, raises, and the failure callback writes the
+event's single dead-letter row.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sqlite3
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from redis.exceptions import RedisError
+from rq import Retry, SimpleWorker, get_current_job
+from rq.timeouts import JobTimeoutException
+
+import logs
+import queueing
+import settings as settings_module
+from errors import ConfigError, EventFailed, GraphAPIError, StorageError
+from events import MESSAGE, sender_id
+from instagram_client import InstagramClient
+from security import pseudonym, redact
+from storage import Store, parse_iso
+
+log = logging.getLogger(__name__)
+
+#: Meta refuses replies to a message older than this.
+REPLY_WINDOW = timedelta(hours=24)
+#: No retry waits longer than this, unless Meta itself asks for longer.
+MAX_RETRY_DELAY_SECONDS = 4 * 3600
+#: RQ looks for abandoned jobs this often (its default is 10 minutes).
+MAINTENANCE_INTERVAL_SECONDS = 60
+
+
+@dataclass
+class Context:
+    """What one worker process needs for every job."""
+
+    settings: settings_module.Settings
+    store: Store
+    client: InstagramClient
+    pid: int
+
+
+_context = None
+
+
+def context():
+    """Return this process's Context, built from the settings on first use."""
+    global _context
+    if _context is None or _context.pid != os.getpid():
+        settings = settings_module.load()
+        settings.require_worker_settings()
+        _context = Context(
+            settings,
+            Store(settings.database_path),
+            InstagramClient(settings),
+            os.getpid(),
+        )
+    return _context
+
+
+# -- the job -----------------------------------------------------------------
+
+
+def handle_event(event_key):
+    """Handle one stored event: reply, ignore, retry later or fail for good."""
+    ctx = context()
+    lease = queueing.job_timeout(ctx.settings) + 30
+    try:
+        event = ctx.store.start_attempt(event_key, lease)
+    except sqlite3.Error as exc:
+        log.warning("event %s: database busy, retrying: %s", event_key, exc)
+        return _retry(ctx, event_key, 1, GraphAPIError("database busy", transient=True))
+    if event is None:
+        log.info(
+            "event %s: nothing to do (already handled, or another worker has it)",
+            event_key,
+        )
+        return None
+    if event["reply_message_id"]:
+        ctx.store.finish(event_key, "done", "already_replied")
+        log.info("event %s: reply already recorded, nothing sent", event_key)
+        return None
+
+    if event["send_started_at"]:
+        ctx.store.audit(
+            event_key, "send_outcome_unknown", "an earlier attempt may have sent"
+        )
+    return _reply_or_ignore(ctx, event)
+
+
+def _reply_or_ignore(ctx, event):
+    key = event["event_key"]
+    decision = decide(event, ctx.settings, datetime.now(UTC))
+    if decision.outcome:
+        ctx.store.finish(key, "ignored", decision.outcome)
+        log.info("event %s: ignored (%s)", key, decision.outcome)
+        return None
+
+    sender = pseudonym(decision.recipient_id, ctx.settings.app_secrets[0])
+    if not ctx.store.claim_cooldown(sender, key, ctx.settings.reply_cooldown_seconds):
+        ctx.store.finish(key, "ignored", "cooldown")
+        log.info(
+            "event %s: ignored (sender %s had a reply within the cooldown)", key, sender
+        )
+        return None
+
+    ctx.store.mark_send_started(key)
+    try:
+        message_id = ctx.client.send_text(decision.recipient_id, decision.text)
+    except GraphAPIError as exc:
+        if exc.transient:
+            return _retry(ctx, key, event["attempts"], exc)
+        ctx.store.release_cooldown(sender, key)
+        raise
+    ctx.store.record_reply(key, message_id)
+    log.info("event %s: replied to %s", key, sender)
+    return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with an event: an outcome to ignore it with, or a reply to send."""
+
+    outcome: str | None = None
+    recipient_id: str = ""
+    text: str = ""
+
+
+def decide(event, settings, now):
+    """Decide what an event needs. Raise EventFailed when it can never be answered."""
+    if event["kind"] != MESSAGE:
+        return Decision(outcome=f"no reply to {event['kind']}")
+    if not settings.auto_reply_text:
+        return Decision(outcome="default replies are off")
+    try:
+        data = json.loads(event["payload"])
+    except ValueError:
+        return Decision(outcome="payload unreadable")
+    recipient = sender_id(data)
+    if not recipient:
+        return Decision(outcome="no sender")
+    if recipient == settings.account_id:
+        return Decision(outcome="no reply to our own message")
+
+    occurred = parse_iso(event["occurred_at"])
+    if occurred is not None and now - occurred > REPLY_WINDOW:
+        raise EventFailed(
+            "outside_window",
+            "the message is older than 24 hours; Meta refuses replies to it",
+        )
+    return Decision(recipient_id=recipient, text=settings.auto_reply_text)
+
+
+# -- retries -----------------------------------------------------------------
+
+
+def jitter(seconds):
+    """Return a random extra wait of up to a tenth of ``seconds``."""
+    return random.uniform(0, seconds / 10)
+
+
+def retry_delay(attempt, delays, retry_after=None):
+    """Return the wait before retry number ``attempt`` (1-based), in whole seconds.
+
+    Uses RETRY_DELAYS with jitter and a cap, and never waits less than the
+    server asked for.
+    """
+    base = delays[min(attempt, len(delays)) - 1]
+    delay = min(base + jitter(base), MAX_RETRY_DELAY_SECONDS)
+    if retry_after:
+        delay = max(delay, retry_after)
+    return math.ceil(delay)
+
+
+def _retry(ctx, key, attempt, exc):
+    """Schedule another attempt, or fail for good when RETRY_DELAYS is used up."""
+    delays = ctx.settings.retry_delays
+    if attempt > len(delays):
+        raise EventFailed(
+            "retries_exhausted", f"gave up after {attempt} attempts; last error: {exc}"
+        )
+    delay = retry_delay(attempt, delays, exc.retry_after)
+    ctx.store.release(
+        key, "retried", f"attempt {attempt} failed ({exc}); next in {delay}s"
+    )
+    log.warning(
+        "event %s: attempt %d failed (%s); retrying in %ds", key, attempt, exc, delay
+    )
+
+    # Our attempt count lives with the event, so a replayed event starts
+    # afresh; RQ's own counter only has to let this one retry through.
+    job = get_current_job()
+    done_before = (job.number_of_retries or 0) if job else 0
+    return Retry(max=done_before + 1, interval=[delay])
+
+
+# -- failures ----------------------------------------------------------------
+
+
+def record_failure(job, connection, exc_type, exc, traceback):
+    """RQ failure callback: write the event's one dead-letter row.
+
+    Runs once per failed job: jobs carry no RQ retry policy of their own
+    (retries are returned as ``Retry``), so every exception is final.
+    """
+    ctx = context()
+    key = job.args[0] if job.args else job.id
+    if isinstance(exc, JobTimeoutException):
+        reason = "timeout"
+    else:
+        reason = getattr(exc, "reason", None) or "internal_error"
+    error = redact(
+        f"{type(exc).__name__}: {exc}",
+        (ctx.settings.access_token, *ctx.settings.app_secrets),
+    )[:1000]
+    event = ctx.store.get_event(key)
+    ctx.store.dead_letter(key, reason, error, event["attempts"] if event else 0)
+
+    job.meta["reason"] = reason
+    job.save_meta()
+    if reason == "token_invalid":
+        log.error(
+            "event %s: dead-lettered: the Graph API says IG_ACCESS_TOKEN is invalid or "
+            "expired; set a new IG_ACCESS_TOKEN, restart the worker, then replay the "
+            "token_invalid dead letters",
+            key,
+        )
+    else:
+        log.warning("event %s: dead-lettered (%s): %s", key, reason, error)
+
+
+# -- entry point -------------------------------------------------------------
+
+
+def main(argv=None):
+    """Run the worker until SIGTERM, or until the queue is empty with --burst."""
+    parser = argparse.ArgumentParser(description="Work the queue of Instagram events.")
+    parser.add_argument(
+        "--burst", action="store_true", help="work until the queue is empty, then exit"
+    )
+    args = parser.parse_args(argv)
+    logs.configure()
+
+    try:
+        ctx = context()
+        ctx.store.init_schema()
+        connection = queueing.connect(ctx.settings)
+        connection.ping()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:
+        print(f"storage error: {exc}", file=sys.stderr)
+        return 2
+    except RedisError as exc:
+        print(f"cannot reach Redis at REDIS_URL: {type(exc).__name__}", file=sys.stderr)
+        return 1
+
+    # SimpleWorker runs jobs in this process instead of forking one per job:
+    # jobs are short HTTP calls, so a fork per job costs more than the job,
+    # and the HTTP session and SQLite connection are reused between jobs.
+    # Job timeouts still apply (SIGALRM in this, the main, thread).
+    worker = SimpleWorker(
+        [queueing.get_queue(ctx.settings, connection)],
+        connection=connection,
+        maintenance_interval=MAINTENANCE_INTERVAL_SECONDS,
+    )
+    worker.work(
+        burst=args.burst,
+        with_scheduler=True,
+        logging_level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    # Jobs name their functions "worker.*"; make this module that one, so
+    # RQ does not import a second copy of it.
+    sys.modules.setdefault("worker", sys.modules[__name__])
+    sys.exit(main())
