@@ -34,7 +34,8 @@ from instagram_client import InstagramClient
 from security import pseudonym, redact
 from storage import Store, parse_iso
 
-log = logging.getLogger(__name__)
+# Named, not __name__: run as a script this module is "__main__".
+log = logging.getLogger("worker")
 
 #: Meta refuses replies to a message older than this.
 REPLY_WINDOW = timedelta(hours=24)
@@ -278,7 +279,9 @@ def main(argv=None):
         [queueing.get_queue(ctx.settings, connection)],
         connection=connection,
         maintenance_interval=MAINTENANCE_INTERVAL_SECONDS,
+        log_job_description=True,
     )
+    worker.log_result_lifespan = False
     worker.work(
         burst=args.burst,
         with_scheduler=True,
