@@ -1,12 +1,13 @@
 """Gunicorn settings: check the configuration once, before any worker starts."""
 
+import os
 import sys
 
 import logs
 import settings
 from errors import ConfigError
 
-bind = "0.0.0.0:8000"
+bind = "0.0.0.0:" + os.environ.get("PORT", "8000")
 workers = 2
 # Deliveries are answered in milliseconds; a request that takes longer than
 # this is stuck, and Meta has long given up on it.
