@@ -14,6 +14,8 @@ workers = 2
 timeout = 30
 graceful_timeout = 20
 accesslog = None
+# No control socket: several instances may share a home folder, or have none.
+control_socket_disable = True
 
 
 def on_starting(server):
