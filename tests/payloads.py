@@ -150,3 +150,21 @@ def signed_headers(raw, secret=APP_SECRET, **overrides):
         else:
             headers[name] = value
     return headers
+
+
+def unsupported(sender, mid=None):
+    return messaging(sender, message={"mid": mid or new_mid(), "is_unsupported": True})
+
+
+def referral(sender, ref="summer-ad"):
+    return messaging(
+        sender, referral={"ref": ref, "source": "ADS", "type": "OPEN_THREAD"}
+    )
+
+
+def graph_error(code, subcode=None, message="An error occurred", **fields):
+    """A Graph API error body: {"error": {...}} with the given code and subcode."""
+    error = {"message": message, "type": "OAuthException", "code": code, **fields}
+    if subcode is not None:
+        error["error_subcode"] = subcode
+    return {"error": error}

@@ -1,0 +1,184 @@
+"""Settings come from one mapping, with defaults, and stop start-up when wrong."""
+
+import pytest
+
+import settings
+from errors import ConfigError
+from tests.payloads import ACCESS_TOKEN, ACCOUNT_ID, APP_SECRET, VERIFY_TOKEN
+
+REQUIRED = {"IG_APP_SECRET": APP_SECRET, "IG_VERIFY_TOKEN": VERIFY_TOKEN}
+
+
+def env(**overrides):
+    """The smallest valid environment, with keyword overrides; None drops one."""
+    values = {**REQUIRED, **overrides}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def test_only_the_required_settings_give_the_documented_defaults():
+    loaded = settings.from_env(env())
+
+    assert loaded.app_secrets == (APP_SECRET,)
+    assert loaded.verify_token == VERIFY_TOKEN
+    assert loaded.access_token == ""
+    assert loaded.account_id == ""
+    assert loaded.graph_api_base == "https://graph.instagram.com"
+    assert loaded.graph_api_version == "v24.0"
+    assert loaded.graph_timeout_seconds == 10.0
+    assert loaded.redis_url == "redis://localhost:6379/0"
+    assert loaded.database_path == "data/webhooks.db"
+    assert loaded.auto_reply_text == settings.DEFAULT_REPLY
+    assert loaded.reply_cooldown_seconds == 3600
+    assert loaded.retry_delays == (10, 30, 60, 300, 900, 1800, 3600)
+    assert loaded.queue_name == "instagram-events"
+
+
+def test_every_setting_given_is_read():
+    loaded = settings.from_env(
+        env(
+            IG_ACCESS_TOKEN=ACCESS_TOKEN,
+            IG_ACCOUNT_ID=ACCOUNT_ID,
+            GRAPH_API_BASE="https://graph.test/",
+            GRAPH_API_VERSION="v99.0",
+            GRAPH_TIMEOUT_SECONDS="2.5",
+            REDIS_URL="rediss://cache.internal:6380/1",
+            DATABASE_PATH="/var/lib/ig/events.db",
+            REPLY_COOLDOWN_SECONDS="60",
+            RETRY_DELAYS="1, 2,3",
+            RQ_QUEUE="other-queue",
+        )
+    )
+
+    assert loaded.access_token == ACCESS_TOKEN
+    assert loaded.account_id == ACCOUNT_ID
+    assert loaded.graph_api_base == "https://graph.test"
+    assert loaded.graph_api_version == "v99.0"
+    assert loaded.graph_timeout_seconds == 2.5
+    assert loaded.redis_url == "rediss://cache.internal:6380/1"
+    assert loaded.database_path == "/var/lib/ig/events.db"
+    assert loaded.reply_cooldown_seconds == 60
+    assert loaded.retry_delays == (1, 2, 3)
+    assert loaded.queue_name == "other-queue"
+
+
+def test_comma_separated_app_secrets_are_all_kept_for_rotation():
+    loaded = settings.from_env(env(IG_APP_SECRET=" new-secret , old-secret "))
+
+    assert loaded.app_secrets == ("new-secret", "old-secret")
+
+
+@pytest.mark.parametrize("name", ["IG_APP_SECRET", "IG_VERIFY_TOKEN"])
+@pytest.mark.parametrize("value", [None, "", "   "])
+def test_a_missing_required_setting_is_named(name, value):
+    with pytest.raises(ConfigError, match=f"^{name} is required") as caught:
+        settings.from_env(env(**{name: value}))
+
+    assert caught.value.setting == name
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("GRAPH_TIMEOUT_SECONDS", "ten", "expected a number, got 'ten'"),
+        ("GRAPH_TIMEOUT_SECONDS", "0", "expected at least 0.1"),
+        ("REPLY_COOLDOWN_SECONDS", "1.5", "expected a number, got '1.5'"),
+        ("REPLY_COOLDOWN_SECONDS", "an hour", "expected a number"),
+        ("REPLY_COOLDOWN_SECONDS", "-1", "expected at least 0"),
+        ("RETRY_DELAYS", "10,thirty", "expected whole seconds separated by commas"),
+        ("RETRY_DELAYS", "10,,30", "expected whole seconds separated by commas"),
+        ("RETRY_DELAYS", "10,-30", "expected no negative delays"),
+        ("IG_ACCOUNT_ID", "my_business", "expected the account's numeric id"),
+        ("IG_ACCOUNT_ID", "-17841400000000042", "expected the account's numeric id"),
+        ("REDIS_URL", "http://localhost:6379/0", "expected a URL starting with"),
+        ("REDIS_URL", "localhost:6379", "expected a URL starting with"),
+        ("GRAPH_API_BASE", "ftp://graph.test", "expected a URL starting with"),
+        ("GRAPH_API_BASE", "graph.instagram.com", "expected a URL starting with"),
+        ("IG_APP_SECRET", "one,,two", "got an empty one"),
+    ],
+)
+def test_a_malformed_setting_is_named_with_what_was_expected(name, value, expected):
+    with pytest.raises(ConfigError, match=f"^{name} ") as caught:
+        settings.from_env(env(**{name: value}))
+
+    assert caught.value.setting == name
+    assert expected in str(caught.value)
+
+
+@pytest.mark.xfail(
+    reason="float('nan') and float('inf') pass the minimum check", strict=True
+)
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_timeout_that_is_not_a_finite_number_is_refused(value):
+    with pytest.raises(ConfigError, match="^GRAPH_TIMEOUT_SECONDS "):
+        settings.from_env(env(GRAPH_TIMEOUT_SECONDS=value))
+
+
+@pytest.mark.xfail(
+    reason="str.isdigit() accepts superscripts and non-ASCII digits", strict=True
+)
+@pytest.mark.parametrize("value", ["17841400000000042\u00b2", "\u0661\u0662\u0663"])
+def test_an_account_id_with_non_ascii_digits_is_refused(value):
+    with pytest.raises(ConfigError, match="^IG_ACCOUNT_ID "):
+        settings.from_env(env(IG_ACCOUNT_ID=value))
+
+
+def test_an_empty_auto_reply_text_switches_default_replies_off():
+    assert settings.from_env(env(AUTO_REPLY_TEXT="")).auto_reply_text == ""
+    assert settings.from_env(env(AUTO_REPLY_TEXT="  ")).auto_reply_text == ""
+
+
+def test_an_unset_auto_reply_text_gives_the_default_reply():
+    loaded = settings.from_env(env(AUTO_REPLY_TEXT=None))
+
+    assert loaded.auto_reply_text == settings.DEFAULT_REPLY
+    assert loaded.auto_reply_text
+
+
+def test_a_given_auto_reply_text_is_used():
+    loaded = settings.from_env(env(AUTO_REPLY_TEXT=" We answer within a day. "))
+
+    assert loaded.auto_reply_text == "We answer within a day."
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"IG_APP_SECRET": f"{APP_SECRET},"},
+        {"IG_APP_SECRET": f"{APP_SECRET},,second-secret-9f"},
+        {"IG_VERIFY_TOKEN": "", "IG_ACCESS_TOKEN": ACCESS_TOKEN},
+        {"IG_ACCOUNT_ID": ACCESS_TOKEN, "IG_ACCESS_TOKEN": ACCESS_TOKEN},
+        {"REDIS_URL": f"http://:{APP_SECRET}@cache:6379/0"},
+        {"GRAPH_API_BASE": f"graph.test/?access_token={ACCESS_TOKEN}"},
+    ],
+)
+def test_a_config_error_never_shows_a_secret_value(overrides):
+    with pytest.raises(ConfigError) as caught:
+        settings.from_env(env(**overrides))
+
+    message = str(caught.value)
+    assert APP_SECRET not in message
+    assert ACCESS_TOKEN not in message
+    assert "second-secret-9f" not in message
+
+
+def test_the_worker_settings_pass_when_token_and_account_are_set():
+    loaded = settings.from_env(
+        env(IG_ACCESS_TOKEN=ACCESS_TOKEN, IG_ACCOUNT_ID=ACCOUNT_ID)
+    )
+
+    assert loaded.require_worker_settings() is None
+
+
+@pytest.mark.parametrize(
+    "overrides, missing",
+    [
+        ({"IG_ACCOUNT_ID": ACCOUNT_ID}, "IG_ACCESS_TOKEN"),
+        ({"IG_ACCESS_TOKEN": ACCESS_TOKEN}, "IG_ACCOUNT_ID"),
+        ({"IG_ACCESS_TOKEN": "  ", "IG_ACCOUNT_ID": ACCOUNT_ID}, "IG_ACCESS_TOKEN"),
+    ],
+)
+def test_the_worker_settings_name_what_the_worker_is_missing(overrides, missing):
+    loaded = settings.from_env(env(**overrides))
+
+    with pytest.raises(ConfigError, match=f"^{missing} is required by the worker"):
+        loaded.require_worker_settings()

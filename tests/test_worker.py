@@ -1,0 +1,400 @@
+"""The worker's jobs against a real Redis, temporary SQLite and a stubbed Graph API."""
+
+import logging
+import time
+
+import payloads
+import pytest
+from conftest import GRAPH_BASE, rows
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry
+
+import queueing
+import worker
+from errors import GraphAPIError
+
+SEND_URL = f"{GRAPH_BASE}/v24.0/{payloads.ACCOUNT_ID}/messages"
+
+
+def graph_error(code, subcode=None, status=400, transient=None):
+    error = {
+        "message": "Meta says no",
+        "type": "OAuthException",
+        "code": code,
+        "fbtrace_id": "Atrace123",
+    }
+    if subcode:
+        error["error_subcode"] = subcode
+    if transient is not None:
+        error["is_transient"] = transient
+    return {"status_code": status, "json": {"error": error}}
+
+
+def event_row(store):
+    [event] = rows(store, "webhook_events")
+    return event
+
+
+def sends(requests_mock):
+    return [r for r in requests_mock.request_history if r.method == "POST"]
+
+
+# -- replies -----------------------------------------------------------------
+
+
+def test_direct_message_gets_one_reply_through_the_send_api(post, work, graph, store):
+    sender = payloads.new_id()
+    post(payloads.delivery(payloads.text_message(sender, "are you open?")))
+
+    work()
+
+    [call] = sends(graph)
+    assert call.url == SEND_URL
+    assert call.json() == {
+        "recipient": {"id": sender},
+        "message": {"text": "Thanks, we got your message."},
+    }
+    assert call.headers["Authorization"] == f"Bearer {payloads.ACCESS_TOKEN}"
+    assert payloads.ACCESS_TOKEN not in call.url
+    assert call.timeout == 10.0
+    event = event_row(store)
+    assert (event["status"], event["reply_message_id"]) == ("done", "m_1")
+    actions = [r["action"] for r in rows(store, "audit_log")]
+    assert actions == ["received", "queued", "replied"]
+
+
+def test_attachment_only_message_gets_a_reply(post, work, graph, store):
+    post(payloads.delivery(payloads.attachment_message(payloads.new_id(), "ig_reel")))
+    work()
+    assert len(sends(graph)) == 1
+    assert event_row(store)["status"] == "done"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda user, mid: payloads.echo(user),
+        lambda user, mid: payloads.reaction(user, mid),
+        lambda user, mid: payloads.read(user, mid),
+        lambda user, mid: payloads.deleted(user, mid),
+        lambda user, mid: payloads.edit(user, mid),
+        lambda user, mid: payloads.postback(user),
+        lambda user, mid: payloads.messaging(user, something_new={"x": 1}),
+    ],
+    ids=["echo", "reaction", "read", "deleted", "edit", "postback", "unknown"],
+)
+def test_events_that_need_no_reply_end_ignored(post, work, graph, store, make):
+    post(payloads.delivery(make(payloads.new_id(), payloads.new_mid())))
+
+    work()
+
+    assert sends(graph) == []
+    event = event_row(store)
+    assert event["status"] == "ignored"
+    assert event["outcome"].startswith("no reply to")
+
+
+def test_comments_mentions_and_standby_end_ignored(post, work, graph, store):
+    user = payloads.new_id()
+    post(
+        payloads.delivery(
+            changes=[payloads.comment_change(), payloads.mention_change()],
+            standby=[payloads.text_message(user)],
+        )
+    )
+    work()
+    assert sends(graph) == []
+    assert {r["status"] for r in rows(store, "webhook_events")} == {"ignored"}
+
+
+def test_message_from_our_own_account_is_never_answered(post, work, graph, store):
+    own = payloads.messaging(
+        payloads.ACCOUNT_ID, message={"mid": payloads.new_mid(), "text": "from the app"}
+    )
+    post(payloads.delivery(own))
+    work()
+    assert sends(graph) == []
+    assert event_row(store)["kind"] == "echo"
+
+
+def test_cooldown_allows_one_default_reply_per_sender(
+    post, work, graph, store, monkeypatch
+):
+    monkeypatch.setenv("REPLY_COOLDOWN_SECONDS", "3600")
+    sender, other = payloads.new_id(), payloads.new_id()
+    post(payloads.delivery(payloads.text_message(sender, "first")))
+    post(payloads.delivery(payloads.text_message(sender, "second")))
+    post(payloads.delivery(payloads.text_message(other, "hello")))
+
+    work()
+
+    recipients = [call.json()["recipient"]["id"] for call in sends(graph)]
+    assert sorted(recipients) == sorted([sender, other])
+    outcomes = sorted(r["outcome"] for r in rows(store, "webhook_events"))
+    assert outcomes == ["cooldown", "replied", "replied"]
+    assert sender not in str(rows(store, "reply_cooldowns"))
+
+
+def test_empty_auto_reply_text_turns_replies_off(post, work, graph, store, monkeypatch):
+    monkeypatch.setenv("AUTO_REPLY_TEXT", "")
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    work()
+    assert sends(graph) == []
+    assert event_row(store)["status"] == "ignored"
+
+
+def test_message_older_than_24_hours_is_dead_lettered_without_a_call(
+    post, work, graph, store
+):
+    old = payloads.now_ms() - 25 * 3600 * 1000
+    post(payloads.delivery(payloads.text_message(payloads.new_id(), timestamp=old)))
+
+    work()
+
+    assert sends(graph) == []
+    assert event_row(store)["status"] == "dead"
+    [dead] = rows(store, "dead_letter")
+    assert (dead["reason"], dead["status"]) == ("outside_window", "open")
+
+
+# -- failures ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        (graph_error(190), "token_invalid"),
+        (graph_error(551), "recipient_unavailable"),
+        (graph_error(10, 2018278), "outside_window"),
+        (graph_error(100), "bad_request"),
+        (graph_error(200, status=403), "permission_denied"),
+    ],
+)
+def test_permanent_graph_error_is_not_retried_and_dead_lettered_once(
+    post, work, requests_mock, store, queue, answer, reason
+):
+    requests_mock.post(SEND_URL, **answer)
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+
+    work()
+
+    assert len(sends(requests_mock)) == 1
+    [dead] = rows(store, "dead_letter")
+    assert (dead["reason"], dead["attempts"]) == (reason, 1)
+    assert "Atrace123" in dead["error"]
+    assert event_row(store)["status"] == "dead"
+    assert FailedJobRegistry(queue=queue).get_job_ids() == [dead["event_key"]]
+
+
+def test_expired_token_logs_one_error_naming_the_setting(
+    post, work, requests_mock, caplog
+):
+    requests_mock.post(SEND_URL, **graph_error(190))
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+
+    work()
+
+    errors = [
+        r for r in caplog.records if r.name == "worker" and r.levelno == logging.ERROR
+    ]
+    assert len(errors) == 1
+    assert "IG_ACCESS_TOKEN" in errors[0].getMessage()
+
+
+def test_transient_error_is_retried_until_the_reply_goes_out_once(
+    post, work, requests_mock, store
+):
+    requests_mock.post(
+        SEND_URL,
+        [
+            {"status_code": 500, "text": "<html>oops</html>"},
+            graph_error(2, status=503, transient=True),
+            {"json": {"recipient_id": "x", "message_id": "m_ok"}},
+        ],
+    )
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+
+    work()
+
+    assert len(sends(requests_mock)) == 3
+    event = event_row(store)
+    assert (event["status"], event["reply_message_id"], event["attempts"]) == (
+        "done",
+        "m_ok",
+        3,
+    )
+    assert rows(store, "dead_letter") == []
+    assert [r["action"] for r in rows(store, "audit_log")].count("retried") == 2
+
+
+def test_network_errors_are_retried(post, work, requests_mock, store):
+    import requests
+
+    requests_mock.post(
+        SEND_URL,
+        [
+            {"exc": requests.exceptions.ConnectTimeout},
+            {"exc": requests.exceptions.ReadTimeout},
+            {"json": {"message_id": "m_ok"}},
+        ],
+    )
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    work()
+    assert event_row(store)["reply_message_id"] == "m_ok"
+
+
+def test_last_failed_retry_goes_to_dead_letter_as_retries_exhausted(
+    post, work, requests_mock, store, queue
+):
+    requests_mock.post(SEND_URL, status_code=502, text="bad gateway")
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+
+    work()
+
+    # RETRY_DELAYS has two values: the first attempt and two retries.
+    assert len(sends(requests_mock)) == 3
+    [dead] = rows(store, "dead_letter")
+    assert (dead["reason"], dead["attempts"]) == ("retries_exhausted", 3)
+    assert len(FailedJobRegistry(queue=queue)) == 1
+
+
+def test_rate_limit_waits_as_long_as_meta_asks(post, work, requests_mock, store, queue):
+    requests_mock.post(
+        SEND_URL,
+        status_code=400,
+        headers={"Retry-After": "120"},
+        json=graph_error(613)["json"],
+    )
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+
+    work()
+
+    registry = ScheduledJobRegistry(queue=queue)
+    [job_id] = registry.get_job_ids()
+    waits = queue.connection.zscore(registry.key, job_id) - time.time()
+    assert 110 < waits <= 125
+    assert len(sends(requests_mock)) == 1
+    assert event_row(store)["status"] == "queued"
+
+
+# -- never twice -------------------------------------------------------------
+
+
+def test_duplicate_job_for_a_replied_event_sends_nothing(
+    post, work, graph, store, queue, settings
+):
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    work()
+    key = event_row(store)["event_key"]
+
+    queueing.enqueue_events(queue, [(key, "message")], settings)
+    work()
+
+    assert len(sends(graph)) == 1
+    assert event_row(store)["status"] == "done"
+
+
+def test_recorded_reply_is_never_sent_again_even_if_the_event_is_reopened(
+    post, work, graph, store
+):
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    work()
+    key = event_row(store)["event_key"]
+    store.db.execute(
+        "UPDATE webhook_events SET status = 'queued' WHERE event_key = ?", [key]
+    )
+
+    worker.handle_event(key)
+
+    assert len(sends(graph)) == 1
+    assert event_row(store)["outcome"] == "already_replied"
+
+
+def test_event_held_by_another_worker_is_left_alone(post, graph, store, env):
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    key = event_row(store)["event_key"]
+    store.start_attempt(key, lease_seconds=60)
+
+    worker.handle_event(key)
+
+    assert sends(graph) == []
+
+
+# -- retry delays ------------------------------------------------------------
+
+
+def test_retry_delay_follows_retry_delays_with_jitter_and_a_cap(monkeypatch):
+    monkeypatch.setattr(worker, "jitter", lambda seconds: seconds / 10)
+    delays = (10, 60, 100_000)
+
+    assert worker.retry_delay(1, delays) == 11
+    assert worker.retry_delay(2, delays) == 66
+    assert worker.retry_delay(3, delays) == worker.MAX_RETRY_DELAY_SECONDS
+
+
+def test_retry_delay_never_undercuts_what_meta_asked(monkeypatch):
+    monkeypatch.setattr(worker, "jitter", lambda seconds: 0)
+    assert worker.retry_delay(1, (10,), retry_after=300) == 300
+    assert worker.retry_delay(1, (10,), retry_after=5) == 10
+
+
+def test_jitter_stays_within_a_tenth():
+    assert all(0 <= worker.jitter(100) <= 10 for _ in range(200))
+
+
+# -- logs ----------------------------------------------------------------------
+
+
+def test_worker_logs_hold_no_text_sender_or_token(post, work, requests_mock, caplog):
+    caplog.set_level("DEBUG")
+    ok, failing = payloads.new_id(), payloads.new_id()
+    requests_mock.post(
+        SEND_URL,
+        [
+            {"json": {"message_id": "m_1"}},
+            {
+                "status_code": 400,
+                "json": {
+                    "error": {
+                        "code": 190,
+                        "message": f"token {payloads.ACCESS_TOKEN} expired",
+                    }
+                },
+            },
+        ],
+    )
+    post(payloads.delivery(payloads.text_message(ok, "marker-text-77")))
+    post(payloads.delivery(payloads.text_message(failing, "marker-text-78")))
+
+    work()
+
+    text = caplog.text
+    assert "replied" in text and "dead-lettered" in text
+    for secret in (
+        ok,
+        failing,
+        "marker-text-77",
+        "marker-text-78",
+        payloads.ACCESS_TOKEN,
+        payloads.APP_SECRET,
+    ):
+        assert secret not in text
+
+
+def test_graph_error_text_is_kept_redacted_in_dead_letter(
+    post, work, requests_mock, store
+):
+    requests_mock.post(
+        SEND_URL,
+        status_code=400,
+        json={"error": {"code": 190, "message": f"Bad token {payloads.ACCESS_TOKEN}"}},
+    )
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    work()
+    [dead] = rows(store, "dead_letter")
+    assert payloads.ACCESS_TOKEN not in dead["error"]
+    assert "Bad token" in dead["error"]
+
+
+def test_graph_api_error_str_names_code_and_trace():
+    exc = GraphAPIError("no", http_status=400, code=190, trace_id="T1")
+    assert str(exc) == "no http_status=400 code=190 trace_id=T1"
