@@ -105,7 +105,10 @@ def classify(channel, item, account_id=""):
     if channel == "standby":
         return "standby"
     if channel == "changes":
-        return _CHANGE_KINDS.get(item.get("field"), "change")
+        field = item.get("field")
+        return (
+            _CHANGE_KINDS.get(field, "change") if isinstance(field, str) else "change"
+        )
     if channel != "messaging":
         return "unknown"
 
@@ -167,6 +170,8 @@ def _occurred_at(item, entry):
     if stamp is None and isinstance(entry, dict):
         stamp = entry.get("time")
     if isinstance(stamp, bool) or not isinstance(stamp, (int, float)):
+        return None
+    if not -1e15 < stamp < 1e15:  # also rules out NaN and infinities
         return None
     # Meta sends milliseconds for messaging and seconds for some changes.
     seconds = stamp / 1000 if stamp > 100_000_000_000 else float(stamp)

@@ -75,10 +75,8 @@ def error_from_response(response, secrets=()):
     transient, reason = classify(
         response.status_code, code, subcode, error.get("is_transient")
     )
-    if code in RATE_LIMIT_CODES or response.status_code == 429:
-        retry_after = retry_after_seconds(response.headers)
-    else:
-        retry_after = None
+    # Any wait hint counts, not only on rate limits: a 503 may carry one too.
+    retry_after = retry_after_seconds(response.headers) if transient else None
 
     message = error.get("message")
     text = (

@@ -1,5 +1,6 @@
 """Read the service's settings from the environment (or a .env file) once."""
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -64,7 +65,7 @@ def _number(env, name, default, kind=int, minimum=0):
         value = kind(raw)
     except ValueError:
         raise ConfigError(name, f"expected a number, got {raw!r}") from None
-    if value < minimum:
+    if not math.isfinite(value) or value < minimum:
         raise ConfigError(name, f"expected at least {minimum}, got {raw!r}")
     return value
 
@@ -103,7 +104,7 @@ def from_env(env=None):
             "IG_APP_SECRET", "expected comma-separated secrets, got an empty one"
         )
     account_id = (env.get("IG_ACCOUNT_ID") or "").strip()
-    if account_id and not account_id.isdigit():
+    if account_id and not (account_id.isascii() and account_id.isdigit()):
         raise ConfigError("IG_ACCOUNT_ID", "expected the account's numeric id")
     reply = env.get("AUTO_REPLY_TEXT")
 
