@@ -1,6 +1,7 @@
 """Put events on the RQ queue. A job carries only the event key, never personal data."""
 
 import logging
+import secrets
 
 from redis import Redis
 from rq import Callback, Queue
@@ -31,13 +32,23 @@ def get_queue(settings, connection=None):
     return Queue(settings.queue_name, connection=connection or connect(settings))
 
 
+def new_job_id(event_key):
+    """Return a fresh job id that starts with the event key, so logs line up."""
+    return f"{event_key}-{secrets.token_hex(4)}"
+
+
 def enqueue_events(queue, keys_and_kinds, settings):
-    """Enqueue one job per (event key, kind) in one round trip; job id = key."""
+    """Enqueue one job per (event key, kind) in one round trip.
+
+    Return {event key: job id}. Every enqueue gets a job id of its own:
+    RQ overwrites a job whose id is reused, even one that is running.
+    """
+    job_ids = {key: new_job_id(key) for key, _ in keys_and_kinds}
     jobs = [
         Queue.prepare_data(
             HANDLER,
             args=(key,),
-            job_id=key,
+            job_id=job_ids[key],
             description=f"{kind} event {key}",
             timeout=job_timeout(settings),
             on_failure=Callback(FAILURE_CALLBACK),
@@ -47,3 +58,4 @@ def enqueue_events(queue, keys_and_kinds, settings):
     with queue.connection.pipeline() as pipe:
         queue.enqueue_many(jobs, pipeline=pipe)
         pipe.execute()
+    return job_ids

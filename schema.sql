@@ -16,8 +16,11 @@ CREATE TABLE IF NOT EXISTS webhook_events (
     payload          TEXT NOT NULL,     -- the event as Meta sent it, with its entry's id and time
     attempts         INTEGER NOT NULL DEFAULT 0,
     outcome          TEXT,              -- why it ended ignored or dead, in a few words
+    job_id           TEXT,              -- the RQ job that carries it now
+    next_attempt_at  TEXT,              -- when a scheduled retry is due
     lease_until      TEXT,              -- a worker is handling it until then
     send_started_at  TEXT,              -- set before each Send API call
+    send_uncertain   INTEGER NOT NULL DEFAULT 0,  -- 1: an earlier send may have gone out
     reply_message_id TEXT,              -- the Graph API's message_id once a reply went out
     replied_at       TEXT
 );
@@ -28,11 +31,14 @@ CREATE TABLE IF NOT EXISTS dead_letter (
     id         INTEGER PRIMARY KEY,
     event_key  TEXT NOT NULL UNIQUE REFERENCES webhook_events (event_key),
     -- token_invalid, outside_window, recipient_unavailable, permission_denied,
-    -- bad_request, retries_exhausted, unparseable, timeout, internal_error
+    -- bad_request, retries_exhausted, unparseable, timeout, abandoned,
+    -- internal_error
     reason     TEXT NOT NULL,
     error      TEXT NOT NULL DEFAULT '',  -- redacted
     attempts   INTEGER NOT NULL DEFAULT 0,
-    status     TEXT NOT NULL DEFAULT 'open',
+    -- open -> replayed -> resolved (or open again); discarded
+    status     TEXT NOT NULL DEFAULT 'open'
+               CHECK (status IN ('open', 'replayed', 'resolved', 'discarded')),
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );

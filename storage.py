@@ -126,19 +126,61 @@ class Store:
                 self.audit(event.key, "received" if is_new else "duplicate", event.kind)
         return new
 
-    def mark_queued(self, keys):
-        """Move events that are still 'received' to 'queued'."""
-        if not keys:
+    def mark_queued(self, job_ids, detail=""):
+        """Move events still 'received' to 'queued'; job_ids maps key -> job id."""
+        if not job_ids:
             return
         with self.transaction() as db:
-            for key in keys:
+            for key, job_id in job_ids.items():
                 cursor = db.execute(
-                    "UPDATE webhook_events SET status = 'queued', updated_at = ?"
-                    " WHERE event_key = ? AND status = 'received'",
-                    (now_iso(), key),
+                    "UPDATE webhook_events SET status = 'queued', job_id = ?,"
+                    " updated_at = ? WHERE event_key = ? AND status = 'received'",
+                    (job_id, now_iso(), key),
                 )
                 if cursor.rowcount:
-                    self.audit(key, "queued")
+                    self.audit(key, "queued", detail)
+
+    def requeued(self, key, job_id, action, detail=""):
+        """Record that a new job now carries the event, and why."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE webhook_events SET status = 'queued', job_id = ?,"
+                " lease_until = NULL, next_attempt_at = NULL, updated_at = ?"
+                " WHERE event_key = ?",
+                (job_id, now_iso(), key),
+            )
+            self.audit(key, action, detail)
+
+    def events_to_relay(self, grace_seconds, limit):
+        """Return (key, kind) of events stored but never queued, oldest first."""
+        rows = self.db.query(
+            "SELECT event_key, kind FROM webhook_events WHERE status = 'received'"
+            " AND received_at < ? ORDER BY id LIMIT ?",
+            (now_iso(-grace_seconds), limit),
+        )
+        return [(row["event_key"], row["kind"]) for row in rows]
+
+    def abandoned_events(self, limit):
+        """Return events whose attempt outlived its lease: its worker died."""
+        return list(
+            self.db.query(
+                "SELECT * FROM webhook_events WHERE status = 'queued'"
+                " AND lease_until < ? ORDER BY lease_until LIMIT ?",
+                (now_iso(), limit),
+            )
+        )
+
+    def stalled_events(self, stale_seconds, limit):
+        """Return queued events left untouched stale_seconds past their due time."""
+        return list(
+            self.db.query(
+                "SELECT * FROM webhook_events WHERE status = 'queued'"
+                " AND lease_until IS NULL"
+                " AND COALESCE(next_attempt_at, updated_at) < ?"
+                " ORDER BY updated_at LIMIT ?",
+                (now_iso(-stale_seconds), limit),
+            )
+        )
 
     def get_event(self, key):
         """Return the event row as a dict, or None."""
@@ -152,20 +194,31 @@ class Store:
 
         Returns None when the event is gone, already final, or held by another
         worker whose lease has not run out, so a duplicate job does nothing.
-        A 'dead' event may be taken again: that is a requeue or a replay.
+        A 'dead' event taken again was requeued from rq-dashboard: it starts
+        afresh, like a replay.
         """
         now = now_iso()
         with self.transaction() as db:
             cursor = db.execute(
                 "UPDATE webhook_events SET attempts = attempts + 1, lease_until = ?,"
-                " updated_at = ? WHERE event_key = ?"
+                " next_attempt_at = NULL, updated_at = ? WHERE event_key = ?"
                 " AND status NOT IN ('done', 'ignored')"
                 " AND (lease_until IS NULL OR lease_until < ?)",
                 (now_iso(lease_seconds), now, key, now),
             )
             if cursor.rowcount != 1:
                 return None
-            return self.get_event(key)
+            event = self.get_event(key)
+            if event["status"] == "dead":
+                db.execute(
+                    "UPDATE webhook_events SET status = 'queued', attempts = 1"
+                    " WHERE event_key = ?",
+                    (key,),
+                )
+                self._set_dead_letter_status(db, key, "replayed", ("open",))
+                self.audit(key, "replayed", "requeued from rq-dashboard")
+                event = self.get_event(key)
+            return event
 
     def mark_send_started(self, key):
         """Record that a Send API call for this event is about to go out."""
@@ -173,6 +226,15 @@ class Store:
             "UPDATE webhook_events SET send_started_at = ? WHERE event_key = ?",
             (now_iso(), key),
         )
+
+    def mark_send_uncertain(self, key):
+        """Record that a send may have reached Meta although it did not answer."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE webhook_events SET send_uncertain = 1 WHERE event_key = ?",
+                (key,),
+            )
+            self.audit(key, "send_outcome_unknown", "the reply may have gone out")
 
     def record_reply(self, key, message_id):
         """Record the reply's message_id and end the event 'done', at once."""
@@ -197,13 +259,13 @@ class Store:
             self.audit(key, status, outcome)
             self._resolve_dead_letter(db, key)
 
-    def release(self, key, action, detail=""):
-        """Give the event back after an attempt that will be retried."""
+    def release(self, key, action, detail="", retry_in=None):
+        """Give the event back after an attempt; a retry is due in retry_in seconds."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE webhook_events SET lease_until = NULL, updated_at = ?"
-                " WHERE event_key = ?",
-                (now_iso(), key),
+                "UPDATE webhook_events SET lease_until = NULL, next_attempt_at = ?,"
+                " updated_at = ? WHERE event_key = ?",
+                (None if retry_in is None else now_iso(retry_in), now_iso(), key),
             )
             self.audit(key, action, detail)
 
@@ -253,10 +315,79 @@ class Store:
         return True
 
     def _resolve_dead_letter(self, db, key):
-        db.execute(
-            "UPDATE dead_letter SET status = 'resolved', updated_at = ?"
-            " WHERE event_key = ? AND status IN ('open', 'replayed')",
-            (now_iso(), key),
+        if self._set_dead_letter_status(db, key, "resolved", ("open", "replayed")):
+            self.audit(key, "resolved")
+
+    def _set_dead_letter_status(self, db, key, status, current):
+        marks = ", ".join("?" * len(current))
+        cursor = db.execute(
+            f"UPDATE dead_letter SET status = ?, updated_at = ?"
+            f" WHERE event_key = ? AND status IN ({marks})",
+            (status, now_iso(), key, *current),
+        )
+        return cursor.rowcount
+
+    def get_dead_letter(self, dead_id):
+        """Return one dead-letter row joined with its event, or None."""
+        rows = list(
+            self.db.query(
+                "SELECT d.*, e.kind, e.status AS event_status, e.job_id,"
+                " e.reply_message_id, e.send_uncertain"
+                " FROM dead_letter d JOIN webhook_events e USING (event_key)"
+                " WHERE d.id = ?",
+                [dead_id],
+            )
+        )
+        return rows[0] if rows else None
+
+    def dead_letters(self, reason=None, status=None, older_than=None, newer_than=None):
+        """Return dead-letter rows with their event's kind, newest first."""
+        where, params = ["1 = 1"], []
+        for column, value in (("d.reason", reason), ("d.status", status)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if older_than is not None:
+            where.append("d.created_at < ?")
+            params.append(now_iso(-older_than))
+        if newer_than is not None:
+            where.append("d.created_at >= ?")
+            params.append(now_iso(-newer_than))
+        return list(
+            self.db.query(
+                "SELECT d.*, e.kind, e.reply_message_id, e.job_id"
+                " FROM dead_letter d JOIN webhook_events e USING (event_key)"
+                f" WHERE {' AND '.join(where)} ORDER BY d.id DESC",
+                params,
+            )
+        )
+
+    def replay(self, key, job_id):
+        """Mark a dead letter replayed and its event queued again, attempts reset."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE webhook_events SET status = 'queued', attempts = 0, job_id = ?,"
+                " lease_until = NULL, next_attempt_at = NULL, updated_at = ?"
+                " WHERE event_key = ?",
+                (job_id, now_iso(), key),
+            )
+            self._set_dead_letter_status(db, key, "replayed", ("open", "replayed"))
+            self.audit(key, "replayed")
+
+    def discard(self, key):
+        """Mark a dead letter discarded; it stays for the audit."""
+        with self.transaction() as db:
+            changed = self._set_dead_letter_status(db, key, "discarded", ("open",))
+            if changed:
+                self.audit(key, "discarded")
+        return bool(changed)
+
+    def audit_trail(self, key):
+        """Return the audit rows of one event, oldest first."""
+        return list(
+            self.db.query(
+                "SELECT * FROM audit_log WHERE event_key = ? ORDER BY id", [key]
+            )
         )
 
     # -- reply cooldown ------------------------------------------------------

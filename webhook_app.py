@@ -131,7 +131,7 @@ def _enqueue(store, new, delivery):
     if not new:
         return 0
     try:
-        queueing.enqueue_events(
+        job_ids = queueing.enqueue_events(
             current_app.extensions["queue"], [(e.key, e.kind) for e in new], _settings()
         )
     except RedisError as exc:
@@ -144,7 +144,7 @@ def _enqueue(store, new, delivery):
         )
         return 0
     try:
-        store.mark_queued([e.key for e in new])
+        store.mark_queued(job_ids)
     except sqlite3.Error as exc:
         # The jobs exist; the worker moves the events on regardless.
         log.warning("delivery %s: could not mark events queued: %s", delivery, exc)

@@ -23,10 +23,12 @@ from datetime import UTC, datetime, timedelta
 
 from redis.exceptions import RedisError
 from rq import Retry, SimpleWorker, get_current_job
+from rq.exceptions import AbandonedJobError
 from rq.timeouts import JobTimeoutException
 
 import logs
 import queueing
+import reconciler
 import settings as settings_module
 from errors import ConfigError, EventFailed, GraphAPIError, StorageError
 from events import MESSAGE, sender_id
@@ -96,10 +98,6 @@ def handle_event(event_key):
         log.info("event %s: reply already recorded, nothing sent", event_key)
         return None
 
-    if event["send_started_at"]:
-        ctx.store.audit(
-            event_key, "send_outcome_unknown", "an earlier attempt may have sent"
-        )
     return _reply_or_ignore(ctx, event)
 
 
@@ -123,6 +121,8 @@ def _reply_or_ignore(ctx, event):
     try:
         message_id = ctx.client.send_text(decision.recipient_id, decision.text)
     except GraphAPIError as exc:
+        if exc.maybe_sent:
+            ctx.store.mark_send_uncertain(key)
         if exc.transient:
             return _retry(ctx, key, event["attempts"], exc)
         ctx.store.release_cooldown(sender, key)
@@ -196,7 +196,7 @@ def _retry(ctx, key, attempt, exc):
         )
     delay = retry_delay(attempt, delays, exc.retry_after)
     ctx.store.release(
-        key, "retried", f"attempt {attempt} failed ({exc}); next in {delay}s"
+        key, "retried", f"attempt {attempt} failed ({exc}); next in {delay}s", delay
     )
     log.warning(
         "event %s: attempt %d failed (%s); retrying in %ds", key, attempt, exc, delay
@@ -216,10 +216,26 @@ def record_failure(job, connection, exc_type, exc, traceback):
     """RQ failure callback: write the event's one dead-letter row.
 
     Runs once per failed job: jobs carry no RQ retry policy of their own
-    (retries are returned as ``Retry``), so every exception is final.
+    (retries are returned as ``Retry``), so every exception is final. RQ
+    also calls it for a job whose worker died (AbandonedJobError): such an
+    attempt is tried again while RETRY_DELAYS lasts.
     """
     ctx = context()
-    key = job.args[0] if job.args else job.id
+    key = job.args[0] if job.args else None
+    event = ctx.store.get_event(key) if isinstance(key, str) else None
+    if event is None:
+        log.warning("job %s failed for an event that is not stored", job.id)
+        return
+    if event["status"] in ("done", "ignored") or event["job_id"] not in (None, job.id):
+        log.info("event %s: failure of superseded job %s ignored", key, job.id)
+        return
+    if isinstance(exc, AbandonedJobError):
+        if not _lease_expired(event):
+            return  # another attempt holds the event right now
+        queue = queueing.get_queue(ctx.settings, connection)
+        reconciler.requeue_or_bury(ctx.store, queue, ctx.settings, event, "abandoned")
+        return
+
     if isinstance(exc, JobTimeoutException):
         reason = "timeout"
     else:
@@ -228,11 +244,13 @@ def record_failure(job, connection, exc_type, exc, traceback):
         f"{type(exc).__name__}: {exc}",
         (ctx.settings.access_token, *ctx.settings.app_secrets),
     )[:1000]
-    event = ctx.store.get_event(key)
-    ctx.store.dead_letter(key, reason, error, event["attempts"] if event else 0)
+    ctx.store.dead_letter(key, reason, error, event["attempts"])
 
+    # What rq-dashboard shows: the kind of event and why it failed.
     job.meta["reason"] = reason
     job.save_meta()
+    job.description = f"{event['kind']} event {key}: {reason}"
+    connection.hset(job.key, "description", job.description)
     if reason == "token_invalid":
         log.error(
             "event %s: dead-lettered: the Graph API says IG_ACCESS_TOKEN is invalid or "
@@ -242,6 +260,11 @@ def record_failure(job, connection, exc_type, exc, traceback):
         )
     else:
         log.warning("event %s: dead-lettered (%s): %s", key, reason, error)
+
+
+def _lease_expired(event):
+    lease = parse_iso(event["lease_until"])
+    return lease is None or lease < datetime.now(UTC)
 
 
 # -- entry point -------------------------------------------------------------
@@ -275,19 +298,32 @@ def main(argv=None):
     # jobs are short HTTP calls, so a fork per job costs more than the job,
     # and the HTTP session and SQLite connection are reused between jobs.
     # Job timeouts still apply (SIGALRM in this, the main, thread).
+    queue = queueing.get_queue(ctx.settings, connection)
     worker = SimpleWorker(
-        [queueing.get_queue(ctx.settings, connection)],
+        [queue],
         connection=connection,
         maintenance_interval=MAINTENANCE_INTERVAL_SECONDS,
         log_job_description=True,
     )
     worker.log_result_lifespan = False
-    worker.work(
-        burst=args.burst,
-        with_scheduler=True,
-        logging_level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-    )
+
+    if args.burst:
+        # One pass first, so events stored while Redis was away are worked too.
+        reconciler.run_pass(ctx.store, queue, ctx.settings)
+        worker.work(burst=True, logging_level=_log_level())
+        return 0
+
+    keeper = reconciler.Reconciler(ctx.store, queue, ctx.settings)
+    keeper.start()
+    try:
+        worker.work(with_scheduler=True, logging_level=_log_level())
+    finally:
+        keeper.stop()
     return 0
+
+
+def _log_level():
+    return os.environ.get("LOG_LEVEL", "INFO").upper()
 
 
 if __name__ == "__main__":

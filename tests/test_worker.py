@@ -182,7 +182,7 @@ def test_permanent_graph_error_is_not_retried_and_dead_lettered_once(
     assert (dead["reason"], dead["attempts"]) == (reason, 1)
     assert "Atrace123" in dead["error"]
     assert event_row(store)["status"] == "dead"
-    assert FailedJobRegistry(queue=queue).get_job_ids() == [dead["event_key"]]
+    assert FailedJobRegistry(queue=queue).get_job_ids() == [event_row(store)["job_id"]]
 
 
 def test_expired_token_logs_one_error_naming_the_setting(

@@ -1,0 +1,197 @@
+"""Keep SQLite and the queue in step, so no stored event is ever lost.
+
+SQLite is the record of truth; Redis only carries work. A pass, run every
+few seconds by each worker process (one at a time, under a Redis lock):
+
+- relays events stored while Redis was away, or before a crash, into the queue;
+- retries attempts whose worker died (their lease ran out);
+- re-enqueues queued events whose job vanished (Redis restarted without its
+  data, a failed job expired before anyone copied it);
+- copies into dead_letter every job in RQ's failed registry whose failure
+  was never recorded, and clears failed jobs a later attempt superseded.
+"""
+
+import logging
+import threading
+
+from redis.exceptions import RedisError
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry
+
+import queueing
+
+log = logging.getLogger(__name__)
+
+INTERVAL_SECONDS = 5
+#: An event stays 'received' this long before the relay takes it from the web.
+RELAY_GRACE_SECONDS = 3
+#: A queued event whose job has not run this long after it was due is checked.
+STALL_SECONDS = 60
+BATCH = 500
+LIVE_STATUSES = {
+    JobStatus.QUEUED,
+    JobStatus.SCHEDULED,
+    JobStatus.STARTED,
+    JobStatus.DEFERRED,
+    JobStatus.CREATED,
+}
+
+
+def run_pass(store, queue, settings):
+    """Run one reconciliation pass; return what it did, by kind."""
+    return {
+        "relayed": relay_received(store, queue, settings),
+        "abandoned": retry_abandoned(store, queue, settings),
+        "stalled": requeue_stalled(store, queue, settings),
+        "failed": sync_failed_jobs(store, queue, settings),
+    }
+
+
+def relay_received(store, queue, settings):
+    """Queue events that were stored but never queued."""
+    waiting = store.events_to_relay(RELAY_GRACE_SECONDS, BATCH)
+    if not waiting:
+        return 0
+    job_ids = queueing.enqueue_events(queue, waiting, settings)
+    store.mark_queued(job_ids, "by the relay")
+    log.info("relay: queued %d events stored while the queue was away", len(waiting))
+    return len(waiting)
+
+
+def retry_abandoned(store, queue, settings):
+    """Give events whose attempt outlived its lease another attempt, or end them."""
+    events = store.abandoned_events(BATCH)
+    for event in events:
+        requeue_or_bury(store, queue, settings, event, "abandoned")
+    return len(events)
+
+
+def requeue_or_bury(store, queue, settings, event, why):
+    """Enqueue a new job for an event whose attempt died, or dead-letter it."""
+    key = event["event_key"]
+    if event["attempts"] > len(settings.retry_delays):
+        store.dead_letter(
+            key,
+            "retries_exhausted",
+            f"gave up after {event['attempts']} attempts ({why})",
+            event["attempts"],
+        )
+        log.warning("event %s: %s after its last attempt; dead-lettered", key, why)
+        return
+    job_ids = queueing.enqueue_events(queue, [(key, event["kind"])], settings)
+    store.requeued(
+        key, job_ids[key], why, f"attempt {event['attempts']} died with its worker"
+    )
+    log.warning(
+        "event %s: attempt %d %s; requeued as job %s",
+        key,
+        event["attempts"],
+        why,
+        job_ids[key],
+    )
+
+
+def requeue_stalled(store, queue, settings):
+    """Re-enqueue queued events whose job is gone or over without telling us."""
+    count = 0
+    for event in store.stalled_events(STALL_SECONDS, BATCH):
+        status = _job_status(queue, event["job_id"])
+        if status in LIVE_STATUSES or status == JobStatus.FAILED:
+            continue  # still on its way, or the failed-job pass owns it
+        key = event["event_key"]
+        job_ids = queueing.enqueue_events(queue, [(key, event["kind"])], settings)
+        store.requeued(key, job_ids[key], "requeued", f"its job was {status or 'gone'}")
+        log.warning(
+            "event %s: job %s was %s; requeued as %s",
+            key,
+            event["job_id"],
+            status or "gone",
+            job_ids[key],
+        )
+        count += 1
+    return count
+
+
+def sync_failed_jobs(store, queue, settings):
+    """Make every job in RQ's failed registry appear in dead_letter exactly once."""
+    registry = FailedJobRegistry(queue=queue)
+    count = 0
+    for job_id in registry.get_job_ids():
+        try:
+            job = Job.fetch(job_id, connection=queue.connection)
+        except NoSuchJobError:
+            continue
+        key = job.args[0] if job.args else None
+        event = store.get_event(key) if isinstance(key, str) else None
+        if event is None:
+            continue
+        if event["job_id"] != job.id or event["status"] in ("done", "ignored"):
+            # A later job carries the event now: this failure is history.
+            registry.remove(job, delete_job=True)
+            store.audit(key, "failed_job_cleared", f"job {job.id} was superseded")
+            count += 1
+        elif event["status"] != "dead":
+            reason = job.meta.get("reason") or _reason_from(job)
+            store.dead_letter(
+                key, reason, "the job failed without recording why", event["attempts"]
+            )
+            log.warning(
+                "event %s: job %s failed unrecorded; dead-lettered (%s)",
+                key,
+                job.id,
+                reason,
+            )
+            count += 1
+    return count
+
+
+def _reason_from(job):
+    result = job.latest_result()
+    text = (result.exc_string or "") if result else ""
+    if "AbandonedJobError" in text:
+        return "abandoned"
+    if "JobTimeoutException" in text:
+        return "timeout"
+    return "internal_error"
+
+
+def _job_status(queue, job_id):
+    if not job_id:
+        return None
+    try:
+        return Job.fetch(job_id, connection=queue.connection).get_status()
+    except NoSuchJobError:
+        return None
+
+
+class Reconciler(threading.Thread):
+    """Run a pass every INTERVAL_SECONDS in the background; one process at a time."""
+
+    def __init__(self, store, queue, settings, interval=INTERVAL_SECONDS):
+        super().__init__(name="reconciler", daemon=True)
+        self.store, self.queue, self.settings = store, queue, settings
+        self.interval = interval
+        self.stopped = threading.Event()
+        self.lock_key = f"{settings.queue_name}:reconciler"
+
+    def run(self):
+        while not self.stopped.wait(self.interval):
+            try:
+                if self.queue.connection.set(
+                    self.lock_key, "1", nx=True, ex=self.interval * 3
+                ):
+                    try:
+                        run_pass(self.store, self.queue, self.settings)
+                    finally:
+                        self.queue.connection.delete(self.lock_key)
+            except RedisError as exc:
+                log.warning(
+                    "reconciler: Redis unavailable (%s); trying again",
+                    type(exc).__name__,
+                )
+            except Exception:
+                log.exception("reconciler: pass failed; trying again")
+
+    def stop(self):
+        self.stopped.set()
