@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +44,17 @@ def redis_answers(url):
         )
     except RedisError:
         return False
+
+
+def port_is_free(host, port):
+    """Return True when the web server could listen on host:port."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn does
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 class Launcher:
@@ -151,10 +163,10 @@ class Launcher:
 
 def main():
     os.chdir(HERE)
-    logs.configure()
     try:
         settings = settings_module.load()
         settings.require_worker_settings()
+        logs.configure(settings.log_level)
         Store(settings.database_path).init_schema()
     except ConfigError as exc:
         print(f"configuration error: {exc} (see .env.example)", file=sys.stderr)
@@ -162,6 +174,14 @@ def main():
     except StorageError as exc:
         print(f"storage error: {exc}", file=sys.stderr)
         return 2
+
+    if not port_is_free(settings.host, settings.port):
+        print(
+            f"error: port {settings.port} is in use; is the service already running?"
+            " (set PORT to use another)",
+            file=sys.stderr,
+        )
+        return 1
 
     launcher = Launcher(settings)
     signal.signal(signal.SIGTERM, lambda *_: setattr(launcher, "stopping", True))

@@ -7,7 +7,7 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def configure(level=None):
-    """Send log lines to stderr at LOG_LEVEL (default INFO), once per process."""
+    """Send log lines to stderr at ``level`` (default: LOG_LEVEL or INFO), once."""
     level = (level or os.environ.get("LOG_LEVEL") or "INFO").upper()
     root = logging.getLogger()
     if not root.handlers:

@@ -8,6 +8,7 @@ from errors import ConfigError
 
 DEFAULT_REPLY = "Thanks for your message! We'll get back to you soon."
 DEFAULT_RETRY_DELAYS = (10, 30, 60, 300, 900, 1800, 3600)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class Settings:
     max_body_bytes: int = 8 * 1024 * 1024
     #: Name of the RQ queue that carries event keys.
     queue_name: str = "instagram-events"
+    #: Address and port the web server listens on.
+    host: str = "0.0.0.0"
+    port: int = 8000
+    log_level: str = "INFO"
 
     def require_worker_settings(self):
         """Raise ConfigError unless the settings the worker needs are set."""
@@ -135,7 +140,24 @@ def from_env(env=None):
             env, "MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1024
         ),
         queue_name=(env.get("RQ_QUEUE") or "").strip() or Settings.queue_name,
+        host=(env.get("HOST") or "").strip() or Settings.host,
+        port=_port(env),
+        log_level=_log_level(env),
     )
+
+
+def _port(env):
+    port = _number(env, "PORT", Settings.port, minimum=1)
+    if port > 65535:
+        raise ConfigError("PORT", f"expected a port from 1 to 65535, got {port}")
+    return port
+
+
+def _log_level(env):
+    level = (env.get("LOG_LEVEL") or "").strip().upper() or Settings.log_level
+    if level not in LOG_LEVELS:
+        raise ConfigError("LOG_LEVEL", f"expected one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 def load():

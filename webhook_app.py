@@ -73,7 +73,10 @@ def handshake():
     if mode != "subscribe" or not token_matches(
         request.args.get("hub.verify_token"), _settings().verify_token
     ):
-        log.warning("handshake refused: wrong mode or verify token")
+        log.warning(
+            "handshake refused: hub.mode is not 'subscribe' or hub.verify_token"
+            " differs from IG_VERIFY_TOKEN"
+        )
         return _text("forbidden\n", 403)
     if not challenge or len(challenge) > MAX_CHALLENGE_LENGTH:
         log.warning("handshake refused: hub.challenge missing or too long")
@@ -97,7 +100,7 @@ def receive():
             raise SignatureError(f"more than one {SIGNATURE_HEADER} header")
         verify_signature(raw, headers[0] if headers else None, _settings().app_secrets)
     except SignatureError as exc:
-        log.warning("delivery %s rejected: %s", delivery, exc)
+        log.warning("delivery %s rejected (check IG_APP_SECRET): %s", delivery, exc)
         _audit_quietly(store, None, "rejected_delivery", str(exc))
         return jsonify(error=str(exc)), 401
 

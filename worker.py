@@ -30,7 +30,7 @@ import logs
 import queueing
 import reconciler
 import settings as settings_module
-from errors import ConfigError, EventFailed, GraphAPIError, StorageError
+from errors import ConfigError, EventFailed, GraphAPIError, ServiceError, StorageError
 from events import MESSAGE, sender_id
 from instagram_client import InstagramClient
 from security import pseudonym, redact
@@ -270,6 +270,23 @@ def _lease_expired(event):
 # -- entry point -------------------------------------------------------------
 
 
+class EventWorker(SimpleWorker):
+    """The RQ worker this service runs.
+
+    A SimpleWorker runs jobs in its own process instead of forking one per
+    job: jobs are short HTTP calls, so a fork per job costs more than the
+    job, and the HTTP session and SQLite connection are reused between jobs.
+    Job timeouts still apply (SIGALRM in this, the main, thread).
+    """
+
+    def handle_exception(self, job, *exc_info):
+        """Leave expected failures to record_failure's one line: no traceback."""
+        if isinstance(exc_info[1], ServiceError):
+            self.log.debug("job %s failed: %s", job.id, type(exc_info[1]).__name__)
+            return
+        super().handle_exception(job, *exc_info)
+
+
 def main(argv=None):
     """Run the worker until SIGTERM, or until the queue is empty with --burst."""
     parser = argparse.ArgumentParser(description="Work the queue of Instagram events.")
@@ -277,10 +294,10 @@ def main(argv=None):
         "--burst", action="store_true", help="work until the queue is empty, then exit"
     )
     args = parser.parse_args(argv)
-    logs.configure()
 
     try:
         ctx = context()
+        logs.configure(ctx.settings.log_level)
         ctx.store.init_schema()
         connection = queueing.connect(ctx.settings)
         connection.ping()
@@ -294,12 +311,8 @@ def main(argv=None):
         print(f"cannot reach Redis at REDIS_URL: {type(exc).__name__}", file=sys.stderr)
         return 1
 
-    # SimpleWorker runs jobs in this process instead of forking one per job:
-    # jobs are short HTTP calls, so a fork per job costs more than the job,
-    # and the HTTP session and SQLite connection are reused between jobs.
-    # Job timeouts still apply (SIGALRM in this, the main, thread).
     queue = queueing.get_queue(ctx.settings, connection)
-    worker = SimpleWorker(
+    worker = EventWorker(
         [queue],
         connection=connection,
         maintenance_interval=MAINTENANCE_INTERVAL_SECONDS,
@@ -310,20 +323,16 @@ def main(argv=None):
     if args.burst:
         # One pass first, so events stored while Redis was away are worked too.
         reconciler.run_pass(ctx.store, queue, ctx.settings)
-        worker.work(burst=True, logging_level=_log_level())
+        worker.work(burst=True, logging_level=ctx.settings.log_level)
         return 0
 
     keeper = reconciler.Reconciler(ctx.store, queue, ctx.settings)
     keeper.start()
     try:
-        worker.work(with_scheduler=True, logging_level=_log_level())
+        worker.work(with_scheduler=True, logging_level=ctx.settings.log_level)
     finally:
         keeper.stop()
     return 0
-
-
-def _log_level():
-    return os.environ.get("LOG_LEVEL", "INFO").upper()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import time
 import payloads
 import pytest
 from redis import Redis
-from rq import SimpleWorker
 
 import queueing
 import settings as settings_module
@@ -156,7 +155,7 @@ def work(queue):
     """Run the worker code until the queue is empty, as `python worker.py --burst`."""
 
     def work():
-        SimpleWorker([queue], connection=queue.connection).work(burst=True)
+        worker.EventWorker([queue], connection=queue.connection).work(burst=True)
 
     return work
 

@@ -220,6 +220,21 @@ def test_missing_setting_stops_start_up_with_one_line(tmp_path, argv):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+def test_a_second_launcher_on_a_busy_port_says_so(service, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "launcher.py"],
+        cwd=PROJECT,
+        env=service.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert f"port {service.env['PORT']} is in use" in result.stderr
+    assert service._up()
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)

@@ -184,3 +184,22 @@ def test_the_worker_settings_name_what_the_worker_is_missing(overrides, missing)
 
     with pytest.raises(ConfigError, match=f"^{missing} is required by the worker"):
         loaded.require_worker_settings()
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("PORT", "abc", "expected a number"),
+        ("PORT", "0", "expected at least 1"),
+        ("PORT", "70000", "from 1 to 65535"),
+        ("LOG_LEVEL", "verbose", "expected one of DEBUG, INFO, WARNING, ERROR"),
+    ],
+)
+def test_web_port_and_log_level_are_checked_at_start_up(name, value, expected):
+    with pytest.raises(ConfigError, match=f"^{name} .*{expected}"):
+        settings.from_env(env(**{name: value}))
+
+
+def test_log_level_is_read_in_any_case():
+    assert settings.from_env(env(LOG_LEVEL="debug")).log_level == "DEBUG"
+    assert settings.from_env(env()).log_level == "INFO"

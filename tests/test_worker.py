@@ -193,11 +193,10 @@ def test_expired_token_logs_one_error_naming_the_setting(
 
     work()
 
-    errors = [
-        r for r in caplog.records if r.name == "worker" and r.levelno == logging.ERROR
-    ]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert "IG_ACCESS_TOKEN" in errors[0].getMessage()
+    assert "Traceback" not in caplog.text
 
 
 def test_transient_error_is_retried_until_the_reply_goes_out_once(
