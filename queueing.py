@@ -37,13 +37,14 @@ def new_job_id(event_key):
     return f"{event_key}-{secrets.token_hex(4)}"
 
 
-def enqueue_events(queue, keys_and_kinds, settings):
+def enqueue_events(queue, keys_and_kinds, settings, job_ids=None):
     """Enqueue one job per (event key, kind) in one round trip.
 
-    Return {event key: job id}. Every enqueue gets a job id of its own:
-    RQ overwrites a job whose id is reused, even one that is running.
+    Return {event key: job id}. Every enqueue gets a job id of its own
+    (new ones unless ``job_ids`` gives them): RQ overwrites a job whose id
+    is reused, even one that is running.
     """
-    job_ids = {key: new_job_id(key) for key, _ in keys_and_kinds}
+    job_ids = job_ids or {key: new_job_id(key) for key, _ in keys_and_kinds}
     jobs = [
         Queue.prepare_data(
             HANDLER,

@@ -79,17 +79,22 @@ def requeue_or_bury(store, queue, settings, event, why):
         )
         log.warning("event %s: %s after its last attempt; dead-lettered", key, why)
         return
-    job_ids = queueing.enqueue_events(queue, [(key, event["kind"])], settings)
-    store.requeued(
-        key, job_ids[key], why, f"attempt {event['attempts']} died with its worker"
-    )
-    log.warning(
-        "event %s: attempt %d %s; requeued as job %s",
-        key,
-        event["attempts"],
-        why,
-        job_ids[key],
-    )
+    detail = f"attempt {event['attempts']} died with its worker"
+    job_id = requeue(store, queue, settings, event, why, detail)
+    log.warning("event %s: %s; requeued as job %s", key, detail, job_id)
+
+
+def requeue(store, queue, settings, event, action, detail):
+    """Give an event a new job: recorded in SQLite first, then put on the queue.
+
+    In this order a job never runs before its event knows it; if Redis
+    fails in between, the stalled-event pass enqueues it later.
+    """
+    key = event["event_key"]
+    job_id = queueing.new_job_id(key)
+    store.requeued(key, job_id, action, detail)
+    queueing.enqueue_events(queue, [(key, event["kind"])], settings, {key: job_id})
+    return job_id
 
 
 def requeue_stalled(store, queue, settings):
@@ -99,16 +104,9 @@ def requeue_stalled(store, queue, settings):
         status = _job_status(queue, event["job_id"])
         if status in LIVE_STATUSES or status == JobStatus.FAILED:
             continue  # still on its way, or the failed-job pass owns it
-        key = event["event_key"]
-        job_ids = queueing.enqueue_events(queue, [(key, event["kind"])], settings)
-        store.requeued(key, job_ids[key], "requeued", f"its job was {status or 'gone'}")
-        log.warning(
-            "event %s: job %s was %s; requeued as %s",
-            key,
-            event["job_id"],
-            status or "gone",
-            job_ids[key],
-        )
+        detail = f"job {event['job_id']} was {status or 'gone'}"
+        job_id = requeue(store, queue, settings, event, "requeued", detail)
+        log.warning("event %s: %s; requeued as %s", event["event_key"], detail, job_id)
         count += 1
     return count
 
