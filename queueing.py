@@ -13,8 +13,13 @@ FAILURE_CALLBACK = "worker.record_failure"
 
 
 def job_timeout(settings):
-    """Seconds a job may run: a few Graph calls' worth, never less than 30."""
-    return int(max(30, 3 * settings.graph_timeout_seconds + 10))
+    """Seconds a job may run: two Graph calls' worth and some; RQ stops it then."""
+    return int(2 * settings.graph_timeout_seconds + 10)
+
+
+def lease_seconds(settings):
+    """Seconds an attempt holds its event; past that, its worker is presumed dead."""
+    return job_timeout(settings) + 10
 
 
 def connect(settings):

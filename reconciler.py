@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 INTERVAL_SECONDS = 5
 #: An event stays 'received' this long before the relay takes it from the web.
 RELAY_GRACE_SECONDS = 3
-#: A queued event whose job has not run this long after it was due is checked.
-STALL_SECONDS = 60
 BATCH = 500
 LIVE_STATUSES = {
     JobStatus.QUEUED,
@@ -100,7 +98,7 @@ def requeue(store, queue, settings, event, action, detail):
 def requeue_stalled(store, queue, settings):
     """Re-enqueue queued events whose job is gone or over without telling us."""
     count = 0
-    for event in store.stalled_events(STALL_SECONDS, BATCH):
+    for event in store.stalled_events(settings.queued_stale_seconds, BATCH):
         status = _job_status(queue, event["job_id"])
         if status in LIVE_STATUSES or status == JobStatus.FAILED:
             continue  # still on its way, or the failed-job pass owns it

@@ -36,6 +36,8 @@ class Settings:
     retry_delays: tuple[int, ...] = DEFAULT_RETRY_DELAYS
     #: Largest delivery body accepted, in bytes.
     max_body_bytes: int = 8 * 1024 * 1024
+    #: A queued event untouched this long past its due time is queued again.
+    queued_stale_seconds: int = 300
     #: Name of the RQ queue that carries event keys.
     queue_name: str = "instagram-events"
     #: Address and port the web server listens on.
@@ -138,6 +140,9 @@ def from_env(env=None):
         retry_delays=_delays(env, "RETRY_DELAYS", DEFAULT_RETRY_DELAYS),
         max_body_bytes=_number(
             env, "MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1024
+        ),
+        queued_stale_seconds=_number(
+            env, "QUEUED_STALE_SECONDS", Settings.queued_stale_seconds, minimum=5
         ),
         queue_name=(env.get("RQ_QUEUE") or "").strip() or Settings.queue_name,
         host=(env.get("HOST") or "").strip() or Settings.host,

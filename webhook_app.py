@@ -15,6 +15,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
+import commands
 import queueing
 import settings as settings_module
 from errors import SignatureError, StorageError
@@ -53,6 +54,7 @@ def create_app(config=None):
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     app.cli.add_command(init_db_command)
+    app.cli.add_command(commands.dead_letter)
     return app
 
 

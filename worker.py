@@ -18,6 +18,7 @@ import os
 import random
 import sqlite3
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -81,9 +82,8 @@ def context():
 def handle_event(event_key):
     """Handle one stored event: reply, ignore, retry later or fail for good."""
     ctx = context()
-    lease = queueing.job_timeout(ctx.settings) + 30
     try:
-        event = ctx.store.start_attempt(event_key, lease)
+        event = ctx.store.start_attempt(event_key, queueing.lease_seconds(ctx.settings))
     except sqlite3.Error as exc:
         log.warning("event %s: database busy, retrying: %s", event_key, exc)
         return _retry(ctx, event_key, 1, GraphAPIError("database busy", transient=True))
@@ -206,7 +206,9 @@ def _retry(ctx, key, attempt, exc):
     # afresh; RQ's own counter only has to let this one retry through.
     job = get_current_job()
     done_before = (job.number_of_retries or 0) if job else 0
-    return Retry(max=done_before + 1, interval=[delay])
+    # RQ rounds a due time down to the whole second; one more keeps the
+    # wait at least `delay`, as a Retry-After demands.
+    return Retry(max=done_before + 1, interval=[delay + 1 if delay else 0])
 
 
 # -- failures ----------------------------------------------------------------
@@ -270,6 +272,22 @@ def _lease_expired(event):
 # -- entry point -------------------------------------------------------------
 
 
+#: Set once SIGTERM or SIGINT asked the worker to stop.
+STOP = threading.Event()
+RESTART_PAUSE_SECONDS = 5
+
+
+def _new_worker(ctx, queue, connection):
+    worker = EventWorker(
+        [queue],
+        connection=connection,
+        maintenance_interval=MAINTENANCE_INTERVAL_SECONDS,
+        log_job_description=True,
+    )
+    worker.log_result_lifespan = False
+    return worker
+
+
 class EventWorker(SimpleWorker):
     """The RQ worker this service runs.
 
@@ -278,6 +296,11 @@ class EventWorker(SimpleWorker):
     job, and the HTTP session and SQLite connection are reused between jobs.
     Job timeouts still apply (SIGALRM in this, the main, thread).
     """
+
+    def request_stop(self, signum, frame):
+        """Finish the current job, then stop (RQ's warm shutdown) for good."""
+        STOP.set()
+        super().request_stop(signum, frame)
 
     def handle_exception(self, job, *exc_info):
         """Leave expected failures to record_failure's one line: no traceback."""
@@ -312,13 +335,7 @@ def main(argv=None):
         return 1
 
     queue = queueing.get_queue(ctx.settings, connection)
-    worker = EventWorker(
-        [queue],
-        connection=connection,
-        maintenance_interval=MAINTENANCE_INTERVAL_SECONDS,
-        log_job_description=True,
-    )
-    worker.log_result_lifespan = False
+    worker = _new_worker(ctx, queue, connection)
 
     if args.burst:
         # One pass first, so events stored while Redis was away are worked too.
@@ -329,7 +346,21 @@ def main(argv=None):
     keeper = reconciler.Reconciler(ctx.store, queue, ctx.settings)
     keeper.start()
     try:
-        worker.work(with_scheduler=True, logging_level=ctx.settings.log_level)
+        while True:
+            try:
+                worker.work(with_scheduler=True, logging_level=ctx.settings.log_level)
+            except RedisError as exc:
+                log.error("lost Redis: %s", type(exc).__name__)
+            if STOP.is_set():
+                break
+            # RQ leaves its loop when Redis goes away in the middle of a job.
+            log.error(
+                "worker loop ended unexpectedly; starting again in %ds",
+                RESTART_PAUSE_SECONDS,
+            )
+            if STOP.wait(RESTART_PAUSE_SECONDS):
+                break
+            worker = _new_worker(ctx, queue, connection)
     finally:
         keeper.stop()
     return 0

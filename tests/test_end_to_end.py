@@ -134,7 +134,9 @@ def test_direct_message_gets_exactly_one_reply(service, graph):
 
 def test_batch_with_a_failing_recipient_ends_replied_ignored_and_dead(service, graph):
     happy, gone = payloads.new_id(), payloads.new_id()
-    graph.errors[gone] = (400, {"error": {"code": 551, "message": "not available"}})
+    graph.script[gone] = [
+        {"status": 400, "json": {"error": {"code": 551, "message": "not available"}}}
+    ]
     batch = payloads.delivery(
         payloads.text_message(happy),
         payloads.text_message(gone),
