@@ -57,8 +57,11 @@ def parse_delivery(raw_body, account_id=""):
         raise UnparseableDelivery("expected an 'entry' list")
 
     events = []
-    for entry in entries:
-        events.extend(_entry_events(entry, body.get("object"), account_id))
+    try:
+        for entry in entries:
+            events.extend(_entry_events(entry, body.get("object"), account_id))
+    except RecursionError:
+        raise UnparseableDelivery("an event is nested too deeply to store") from None
     return events
 
 
@@ -181,6 +184,9 @@ def _occurred_at(item, entry):
 def _as_id(value):
     if isinstance(value, bool) or value is None:
         return ""
-    if isinstance(value, (int, str)):
+    if isinstance(value, int):
         return str(value)
+    if isinstance(value, str):
+        # Lone surrogates (from \u escapes) cannot be stored as text: escape them.
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     return ""

@@ -13,7 +13,6 @@ import requests
 from urllib3.exceptions import NewConnectionError
 
 from errors import GraphAPIError
-from security import redact
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +21,25 @@ RATE_LIMIT_CODES = frozenset({4, 17, 32, 613})
 TRANSIENT_CODES = RATE_LIMIT_CODES | {1, 2, 341, 1200}
 # Subcodes of code 10 that mean "outside the allowed messaging window".
 OUTSIDE_WINDOW_SUBCODES = frozenset({2018278, 2534022})
+#: Recorded as the message_id when Meta accepted a send but named no id.
+ACCEPTED_WITHOUT_ID = "accepted-without-id"
+#: What an error code means, in our words. Meta's own message text can quote
+#: user ids and names, so it is never logged or stored.
+DESCRIPTIONS = {
+    1: "unknown error",
+    2: "temporary service problem",
+    3: "capability missing",
+    4: "app rate limit reached",
+    10: "permission denied",
+    17: "user rate limit reached",
+    32: "page rate limit reached",
+    100: "invalid parameter",
+    190: "access token invalid or expired",
+    341: "application limit reached",
+    368: "blocked by policy",
+    551: "person not available",
+    613: "rate limit reached",
+}
 
 
 def classify(http_status, code, subcode, is_transient):
@@ -62,7 +80,16 @@ def retry_after_seconds(headers):
     return max(waits) if waits and max(waits) > 0 else None
 
 
-def error_from_response(response, secrets=()):
+def describe(code, subcode):
+    """Say what a Graph error code means, without Meta's free text."""
+    if code == 10 and subcode in OUTSIDE_WINDOW_SUBCODES:
+        return "outside the allowed messaging window"
+    if code is not None and 200 <= code <= 299:
+        return "permission missing"
+    return DESCRIPTIONS.get(code, "no error details" if code is None else "error")
+
+
+def error_from_response(response):
     """Build the GraphAPIError for an HTTP answer that is not a success."""
     try:
         error = response.json().get("error") or {}
@@ -78,14 +105,8 @@ def error_from_response(response, secrets=()):
     # Any wait hint counts, not only on rate limits: a 503 may carry one too.
     retry_after = retry_after_seconds(response.headers) if transient else None
 
-    message = error.get("message")
-    text = (
-        redact(message, secrets)[:200]
-        if isinstance(message, str)
-        else "no error message"
-    )
     return GraphAPIError(
-        f"Graph API answered HTTP {response.status_code}: {text}",
+        f"Graph API answered HTTP {response.status_code}: {describe(code, subcode)}",
         http_status=response.status_code,
         code=code,
         subcode=subcode,
@@ -107,7 +128,6 @@ class InstagramClient:
         self.account_id = settings.account_id
         self.timeout = settings.graph_timeout_seconds
         self._token = settings.access_token
-        self._secrets = (settings.access_token, *settings.app_secrets)
         self.session = session or requests.Session()
         #: Graph error code of the last failed call, or None after a success.
         self.last_error_code = None
@@ -128,7 +148,7 @@ class InstagramClient:
         url = f"{self.base_url}/{self.account_id}/messages"
         response = self._post(url, payload)
         if response.status_code >= 400:
-            error = error_from_response(response, self._secrets)
+            error = error_from_response(response)
             self.last_error_code = error.code
             raise error
 
@@ -138,13 +158,12 @@ class InstagramClient:
         except (ValueError, AttributeError):
             message_id = None
         if not isinstance(message_id, str) or not message_id:
-            # Meta accepted the call, so the message may well have gone out.
-            raise GraphAPIError(
-                f"Graph API answered HTTP {response.status_code} without a message_id",
-                http_status=response.status_code,
-                transient=True,
-                maybe_sent=True,
+            # Meta accepted the message; sending it again would send it twice.
+            log.warning(
+                "Graph API accepted a send (HTTP %s) without naming its message_id",
+                response.status_code,
             )
+            return ACCEPTED_WITHOUT_ID
         return message_id
 
     def _post(self, url, payload):

@@ -68,6 +68,13 @@ def retry_abandoned(store, queue, settings):
 def requeue_or_bury(store, queue, settings, event, why):
     """Enqueue a new job for an event whose attempt died, or dead-letter it."""
     key = event["event_key"]
+    if event["send_started_at"] and not event["reply_message_id"]:
+        store.mark_send_uncertain(key)  # it died waiting for Meta's answer
+        if not settings.retry_uncertain_sends:
+            store.dead_letter(
+                key, "send_uncertain", f"attempt {why} during a send", event["attempts"]
+            )
+            return
     if event["attempts"] > len(settings.retry_delays):
         store.dead_letter(
             key,
@@ -129,6 +136,8 @@ def sync_failed_jobs(store, queue, settings):
             count += 1
         elif event["status"] != "dead":
             reason = job.meta.get("reason") or _reason_from(job)
+            if event["send_started_at"]:
+                store.mark_send_uncertain(key)
             store.dead_letter(
                 key, reason, "the job failed without recording why", event["attempts"]
             )

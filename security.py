@@ -55,7 +55,8 @@ def token_matches(given, expected):
 
 def pseudonym(value, key):
     """Return a stable, keyed stand-in for an id, safe to log and store."""
-    digest = hmac.new(key.encode(), str(value).encode(), hashlib.sha256)
+    raw = str(value).encode("utf-8", "surrogatepass")
+    digest = hmac.new(key.encode(), raw, hashlib.sha256)
     return "p_" + digest.hexdigest()[:16]
 
 

@@ -36,6 +36,8 @@ class Settings:
     retry_delays: tuple[int, ...] = DEFAULT_RETRY_DELAYS
     #: Largest delivery body accepted, in bytes.
     max_body_bytes: int = 8 * 1024 * 1024
+    #: Retry a send whose outcome is unknown (it may have gone out).
+    retry_uncertain_sends: bool = True
     #: A queued event untouched this long past its due time is queued again.
     queued_stale_seconds: int = 300
     #: Name of the RQ queue that carries event keys.
@@ -141,6 +143,9 @@ def from_env(env=None):
         max_body_bytes=_number(
             env, "MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1024
         ),
+        retry_uncertain_sends=_flag(
+            env, "RETRY_UNCERTAIN_SENDS", Settings.retry_uncertain_sends
+        ),
         queued_stale_seconds=_number(
             env, "QUEUED_STALE_SECONDS", Settings.queued_stale_seconds, minimum=5
         ),
@@ -149,6 +154,17 @@ def from_env(env=None):
         port=_port(env),
         log_level=_log_level(env),
     )
+
+
+def _flag(env, name, default):
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"expected true or false, got {raw!r}")
 
 
 def _port(env):

@@ -17,7 +17,10 @@ import sqlite_utils
 from errors import StorageError
 
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
+#: How long a write waits for the lock: short on the web (Meta is waiting).
 BUSY_TIMEOUT_SECONDS = 5.0
+#: The worker waits longer: a reply that went out must be recorded.
+WORKER_BUSY_TIMEOUT_SECONDS = 20.0
 FINAL_STATUSES = ("done", "ignored", "dead")
 
 
@@ -43,8 +46,9 @@ def parse_iso(text):
 class Store:
     """One SQLite file, one connection per thread and process."""
 
-    def __init__(self, path):
+    def __init__(self, path, busy_timeout=None):
         self.path = path
+        self.busy_timeout = busy_timeout
         self._local = threading.local()
 
     @property
@@ -60,7 +64,9 @@ class Store:
         folder = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(folder, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS)
+            conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout or BUSY_TIMEOUT_SECONDS
+            )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
         except (OSError, sqlite3.Error) as exc:
@@ -264,7 +270,7 @@ class Store:
         with self.transaction() as db:
             db.execute(
                 "UPDATE webhook_events SET lease_until = NULL, next_attempt_at = ?,"
-                " updated_at = ? WHERE event_key = ?",
+                " send_started_at = NULL, updated_at = ? WHERE event_key = ?",
                 (None if retry_in is None else now_iso(retry_in), now_iso(), key),
             )
             self.audit(key, action, detail)
@@ -272,13 +278,23 @@ class Store:
     # -- dead letters --------------------------------------------------------
 
     def dead_letter(self, key, reason, error, attempts):
-        """End an event 'dead' with exactly one open dead-letter row."""
+        """End an event 'dead' with exactly one open dead-letter row.
+
+        The sender's reply slot is freed, unless a send may have gone out.
+        """
         now = now_iso()
         with self.transaction() as db:
             db.execute(
                 "UPDATE webhook_events SET status = 'dead', outcome = ?,"
-                " lease_until = NULL, updated_at = ? WHERE event_key = ?",
+                " lease_until = NULL, send_started_at = NULL, updated_at = ?"
+                " WHERE event_key = ?",
                 (reason, now, key),
+            )
+            db.execute(
+                "DELETE FROM reply_cooldowns WHERE event_key = ? AND NOT EXISTS"
+                " (SELECT 1 FROM webhook_events"
+                " WHERE event_key = ? AND send_uncertain)",
+                (key, key),
             )
             db.execute(
                 "INSERT INTO dead_letter (event_key, reason, error, attempts, status,"
@@ -410,13 +426,6 @@ class Store:
             (sender, key, now, now_iso(-cooldown_seconds), key),
         )
         return cursor.rowcount == 1
-
-    def release_cooldown(self, sender, key):
-        """Free the sender's reply slot if this event holds it and sent nothing."""
-        self.db.execute(
-            "DELETE FROM reply_cooldowns WHERE sender = ? AND event_key = ?",
-            (sender, key),
-        )
 
     # -- audit ---------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import logs
 import queueing
 import reconciler
 import settings as settings_module
+import storage
 from errors import ConfigError, EventFailed, GraphAPIError, ServiceError, StorageError
 from events import MESSAGE, sender_id
 from instagram_client import InstagramClient
@@ -67,12 +68,8 @@ def context():
     if _context is None or _context.pid != os.getpid():
         settings = settings_module.load()
         settings.require_worker_settings()
-        _context = Context(
-            settings,
-            Store(settings.database_path),
-            InstagramClient(settings),
-            os.getpid(),
-        )
+        store = Store(settings.database_path, storage.WORKER_BUSY_TIMEOUT_SECONDS)
+        _context = Context(settings, store, InstagramClient(settings), os.getpid())
     return _context
 
 
@@ -123,10 +120,14 @@ def _reply_or_ignore(ctx, event):
     except GraphAPIError as exc:
         if exc.maybe_sent:
             ctx.store.mark_send_uncertain(key)
+            if not ctx.settings.retry_uncertain_sends:
+                raise EventFailed(
+                    "send_uncertain",
+                    f"the reply may have gone out ({exc}); not sent again on its own",
+                ) from None
         if exc.transient:
             return _retry(ctx, key, event["attempts"], exc)
-        ctx.store.release_cooldown(sender, key)
-        raise
+        raise  # permanent: record_failure dead-letters it and frees the slot
     ctx.store.record_reply(key, message_id)
     log.info("event %s: replied to %s", key, sender)
     return None
@@ -240,8 +241,13 @@ def record_failure(job, connection, exc_type, exc, traceback):
 
     if isinstance(exc, JobTimeoutException):
         reason = "timeout"
+    elif isinstance(exc, ServiceError) and getattr(exc, "reason", None):
+        reason = exc.reason
     else:
-        reason = getattr(exc, "reason", None) or "internal_error"
+        reason = "internal_error"
+    if event["send_started_at"] and not isinstance(exc, ServiceError):
+        # A surprise between starting a send and hearing back: it may have gone.
+        ctx.store.mark_send_uncertain(key)
     error = redact(
         f"{type(exc).__name__}: {exc}",
         (ctx.settings.access_token, *ctx.settings.app_secrets),

@@ -284,3 +284,42 @@ def test_delivery_logs_hold_no_text_sender_or_secrets(post, caplog):
         payloads.ACCESS_TOKEN,
     ):
         assert secret not in text
+
+
+def test_full_disk_answers_503_and_stores_nothing(client, store, post):
+    # SQLite reports a database that may not grow as "database or disk is full".
+    pages = next(store.db.query("PRAGMA page_count"))["page_count"]
+    store.db.execute(f"PRAGMA max_page_count = {pages}")
+    big = payloads.text_message(payloads.new_id(), "x" * 20_000)
+
+    response = post(payloads.delivery(big))
+
+    assert response.status_code == 503
+    assert "retry" in response.get_json()["error"]
+    assert rows(store, "webhook_events") == []
+
+
+def test_event_nested_too_deeply_to_store_is_kept_as_unparseable(post, store):
+    depth = 980  # parses, but is too deep to serialise again
+    raw = (
+        '{"object":"instagram","entry":[{"id":"1","messaging":['
+        + "[" * depth
+        + "]" * depth
+        + "]}]}"
+    ).encode()
+
+    assert post(raw).status_code == 200
+    assert [r["reason"] for r in rows(store, "dead_letter")] == ["unparseable"]
+
+
+def test_lone_surrogates_in_ids_are_stored_not_crashed_on(post, store):
+    raw = (
+        b'{"object":"instagram","entry":[{"id":"\\udc00","time":1,"messaging":'
+        b'[{"sender":{"id":"90\\ud800"},"recipient":{"id":"1"},"timestamp":1,'
+        b'"message":{"mid":"m-\\udfff","text":"\\ud83d"}}]}]}'
+    )
+
+    assert post(raw).status_code == 200
+    [event] = rows(store, "webhook_events")
+    assert event["kind"] == "message"
+    assert event["account_id"] == "\\udc00"

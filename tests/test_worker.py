@@ -379,21 +379,92 @@ def test_worker_logs_hold_no_text_sender_or_token(post, work, requests_mock, cap
         assert secret not in text
 
 
-def test_graph_error_text_is_kept_redacted_in_dead_letter(
+def test_dead_letter_error_says_what_failed_without_metas_text(
     post, work, requests_mock, store
 ):
+    sender = payloads.new_id()
+    message = f"Bad token {payloads.ACCESS_TOKEN} for user {sender} (someone.name)"
     requests_mock.post(
         SEND_URL,
         status_code=400,
-        json={"error": {"code": 190, "message": f"Bad token {payloads.ACCESS_TOKEN}"}},
+        json={"error": {"code": 190, "message": message, "fbtrace_id": "TrX"}},
     )
-    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    post(payloads.delivery(payloads.text_message(sender)))
     work()
     [dead] = rows(store, "dead_letter")
-    assert payloads.ACCESS_TOKEN not in dead["error"]
-    assert "Bad token" in dead["error"]
+    for secret in (payloads.ACCESS_TOKEN, sender, "someone.name"):
+        assert secret not in dead["error"]
+    assert "access token invalid or expired" in dead["error"]
+    assert "code=190" in dead["error"] and "TrX" in dead["error"]
 
 
 def test_graph_api_error_str_names_code_and_trace():
     exc = GraphAPIError("no", http_status=400, code=190, trace_id="T1")
     assert str(exc) == "no http_status=400 code=190 trace_id=T1"
+
+
+def test_failed_event_frees_the_senders_reply_slot(
+    post, work, requests_mock, store, monkeypatch
+):
+    monkeypatch.setenv("REPLY_COOLDOWN_SECONDS", "3600")
+    sender = payloads.new_id()
+    requests_mock.post(SEND_URL, status_code=503, text="down")
+    post(payloads.delivery(payloads.text_message(sender, "first")))
+    work()
+    assert rows(store, "dead_letter")[0]["reason"] == "retries_exhausted"
+
+    requests_mock.post(SEND_URL, json={"message_id": "m_late"})
+    post(payloads.delivery(payloads.text_message(sender, "second")))
+    work()
+
+    replied = rows(store, "webhook_events", "reply_message_id = ?", ["m_late"])
+    assert len(replied) == 1
+
+
+def test_uncertain_send_is_marked_and_retried_by_default(
+    post, work, requests_mock, store
+):
+    import requests
+
+    requests_mock.post(
+        SEND_URL,
+        [{"exc": requests.exceptions.ReadTimeout}, {"json": {"message_id": "m_2"}}],
+    )
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+
+    work()
+
+    event = event_row(store)
+    assert (event["status"], event["send_uncertain"]) == ("done", 1)
+    actions = [r["action"] for r in rows(store, "audit_log")]
+    assert "send_outcome_unknown" in actions
+
+
+def test_uncertain_send_is_not_retried_when_switched_off(
+    post, work, requests_mock, store, monkeypatch
+):
+    import requests
+
+    monkeypatch.setenv("RETRY_UNCERTAIN_SENDS", "false")
+    requests_mock.post(SEND_URL, exc=requests.exceptions.ReadTimeout)
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+
+    work()
+
+    assert len(sends(requests_mock)) == 1
+    [dead] = rows(store, "dead_letter")
+    assert dead["reason"] == "send_uncertain"
+
+
+def test_an_unexpected_error_is_dead_lettered_as_internal_error(
+    post, work, graph, store, monkeypatch
+):
+    def broken(*args):
+        raise UnicodeEncodeError("utf-8", "x", 0, 1, "surrogates not allowed")
+
+    monkeypatch.setattr(worker, "decide", broken)
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+
+    work()
+
+    assert rows(store, "dead_letter")[0]["reason"] == "internal_error"
