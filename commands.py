@@ -26,6 +26,7 @@ dead_letter = AppGroup(
 STATUSES = ("open", "replayed", "resolved", "discarded", "all")
 _AGE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_AGE_SECONDS = 100 * 365 * 86400
 
 
 class Age(click.ParamType):
@@ -37,7 +38,10 @@ class Age(click.ParamType):
         match = _AGE.match(str(value).strip())
         if not match:
             self.fail(f"expected a number and a unit (s, m, h, d), got {value!r}")
-        return int(match.group(1)) * _UNITS[match.group(2)]
+        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+        if seconds > MAX_AGE_SECONDS:
+            self.fail(f"expected at most 100 years, got {value!r}")
+        return seconds
 
 
 def _store():
@@ -254,10 +258,13 @@ def _requeue(queue, row):
     """Queue the event again: its failed job if RQ still has it, else a new one."""
     store, key = _store(), row["event_key"]
     registry = FailedJobRegistry(queue=queue)
-    if row["job_id"] and row["job_id"] in registry.get_job_ids():
-        store.replay(key, row["job_id"])
-        registry.requeue(row["job_id"])
-        return row["job_id"]
+    job_id = row["job_id"]
+    if job_id and job_id in registry.get_job_ids():
+        if Job.exists(job_id, connection=queue.connection):
+            store.replay(key, job_id)
+            registry.requeue(job_id)
+            return job_id
+        registry.remove(job_id)  # listed, but its data is gone
     job_id = queueing.new_job_id(key)
     store.replay(key, job_id)
     queueing.enqueue_events(queue, [(key, row["kind"])], _settings(), {key: job_id})

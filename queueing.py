@@ -13,8 +13,8 @@ FAILURE_CALLBACK = "worker.record_failure"
 
 
 def job_timeout(settings):
-    """Seconds a job may run: two Graph calls' worth and some; RQ stops it then."""
-    return int(2 * settings.graph_timeout_seconds + 10)
+    """Seconds a job may run (RQ stops it then): two Graph calls, a long lock wait."""
+    return int(2 * settings.graph_timeout_seconds + 30)
 
 
 def lease_seconds(settings):

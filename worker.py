@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sqlite3
 import sys
 import threading
@@ -283,6 +284,33 @@ STOP = threading.Event()
 RESTART_PAUSE_SECONDS = 5
 
 
+def _install_stop_handlers():
+    """Until RQ installs its own, SIGTERM and SIGINT only ask the worker to stop."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: STOP.set())
+
+
+def _wait_for_redis(connection, give_up):
+    """Wait until Redis answers, saying so now and then; False on stop or give-up."""
+    waited = 0
+    while True:
+        try:
+            connection.ping()
+            return True
+        except RedisError as exc:
+            if give_up or waited % 30 == 0:
+                log.error(
+                    "cannot reach Redis at REDIS_URL (%s)%s",
+                    type(exc).__name__,
+                    "" if give_up else "; waiting for it",
+                )
+            if give_up:
+                return False
+        if STOP.wait(2):
+            return False
+        waited += 2
+
+
 def _new_worker(ctx, queue, connection):
     worker = EventWorker(
         [queue],
@@ -328,16 +356,15 @@ def main(argv=None):
         ctx = context()
         logs.configure(ctx.settings.log_level)
         ctx.store.init_schema()
-        connection = queueing.connect(ctx.settings)
-        connection.ping()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     except StorageError as exc:
         print(f"storage error: {exc}", file=sys.stderr)
         return 2
-    except RedisError as exc:
-        print(f"cannot reach Redis at REDIS_URL: {type(exc).__name__}", file=sys.stderr)
+    _install_stop_handlers()
+    connection = queueing.connect(ctx.settings)
+    if not _wait_for_redis(connection, give_up=args.burst):
         return 1
 
     queue = queueing.get_queue(ctx.settings, connection)

@@ -106,9 +106,13 @@ class Stack:
         )
         assert wait_for(lambda: _port_open(self.web_port), seconds=30)
 
-    def start_worker(self):
-        proc = self._spawn(f"worker{len(self.workers)}", [sys.executable, "worker.py"])
+    def start_worker(self, wait=True):
+        name = f"worker{len(self.workers)}"
+        proc = self._spawn(name, [sys.executable, "worker.py"])
         self.workers.append(proc)
+        if wait:
+            log = self.tmp / f"{name}.log"
+            assert wait_for(lambda: "Listening on" in log.read_text(), seconds=30)
         return proc
 
     def post(self, delivery):
@@ -201,6 +205,24 @@ def test_redis_stopped_during_a_burst_loses_nothing(stack, graph):
     assert_each_event_ended_once(stack, graph, senders)
     assert [len(graph.successes_to(s)) for s in senders] == [1] * 30
     assert "relay" in stack.logs()
+
+
+def test_worker_started_before_redis_waits_for_it(tmp_path, graph):
+    stack = Stack(tmp_path, graph.url)
+    try:
+        worker = stack.start_worker(wait=False)
+        assert wait_for(lambda: "waiting for it" in stack.logs(), seconds=30)
+        assert worker.poll() is None
+        stack.start_redis()
+        stack.start_web()
+        sender = payloads.new_id()
+
+        assert stack.post(payloads.delivery(payloads.text_message(sender))) == 200
+
+        assert wait_for(lambda: stack.statuses() == ["done"], seconds=30)
+        assert len(graph.successes_to(sender)) == 1
+    finally:
+        stack.close()
 
 
 def test_worker_killed_mid_send_is_taken_over_by_another(stack, graph):
