@@ -163,8 +163,32 @@ def event_key(channel, item, entry_id=""):
 
 def sender_id(event_data):
     """Return the sender's id of a stored messaging event, or '' when absent."""
-    sender = (event_data.get("event") or {}).get("sender")
+    event = event_data.get("event")
+    sender = event.get("sender") if isinstance(event, dict) else None
     return _as_id(sender.get("id")) if isinstance(sender, dict) else ""
+
+
+def message_text(event_data):
+    """Return the text of a stored message event, or '' when it has none."""
+    event = event_data.get("event")
+    message = event.get("message") if isinstance(event, dict) else None
+    text = message.get("text") if isinstance(message, dict) else None
+    return text if isinstance(text, str) else ""
+
+
+def comment_fields(event_data):
+    """Return (comment id, author's id, text) of a stored comment event."""
+    event = event_data.get("event")
+    value = event.get("value") if isinstance(event, dict) else None
+    if not isinstance(value, dict):
+        return "", "", ""
+    author = value.get("from")
+    text = value.get("text")
+    return (
+        _as_id(value.get("id")),
+        _as_id(author.get("id")) if isinstance(author, dict) else "",
+        text if isinstance(text, str) else "",
+    )
 
 
 def _occurred_at(item, entry):

@@ -4,6 +4,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import rules
 from errors import ConfigError
 
 DEFAULT_REPLY = "Thanks for your message! We'll get back to you soon."
@@ -36,6 +37,9 @@ class Settings:
     retry_delays: tuple[int, ...] = DEFAULT_RETRY_DELAYS
     #: Largest delivery body accepted, in bytes.
     max_body_bytes: int = 8 * 1024 * 1024
+    #: JSON file of keyword rules, and the rules read from it at start-up.
+    reply_rules_file: str = ""
+    reply_rules: tuple = ()
     #: Retry a send whose outcome is unknown (it may have gone out).
     retry_uncertain_sends: bool = True
     #: A queued event untouched this long past its due time is queued again.
@@ -116,6 +120,7 @@ def from_env(env=None):
     if account_id and not (account_id.isascii() and account_id.isdigit()):
         raise ConfigError("IG_ACCOUNT_ID", "expected the account's numeric id")
     reply = env.get("AUTO_REPLY_TEXT")
+    rules_file = (env.get("REPLY_RULES_FILE") or "").strip()
 
     return Settings(
         app_secrets=secrets,
@@ -143,6 +148,8 @@ def from_env(env=None):
         max_body_bytes=_number(
             env, "MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1024
         ),
+        reply_rules_file=rules_file,
+        reply_rules=rules.load_rules(rules_file) if rules_file else (),
         retry_uncertain_sends=_flag(
             env, "RETRY_UNCERTAIN_SENDS", Settings.retry_uncertain_sends
         ),

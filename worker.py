@@ -31,10 +31,11 @@ from rq.timeouts import JobTimeoutException
 import logs
 import queueing
 import reconciler
+import rules
 import settings as settings_module
 import storage
 from errors import ConfigError, EventFailed, GraphAPIError, ServiceError, StorageError
-from events import MESSAGE, sender_id
+from events import COMMENT, MESSAGE, comment_fields, message_text, sender_id
 from instagram_client import InstagramClient
 from security import pseudonym, redact
 from storage import Store, parse_iso
@@ -42,8 +43,10 @@ from storage import Store, parse_iso
 # Named, not __name__: run as a script this module is "__main__".
 log = logging.getLogger("worker")
 
-#: Meta refuses replies to a message older than this.
+#: Meta refuses replies to a message older than this...
 REPLY_WINDOW = timedelta(hours=24)
+#: ...and private replies to a comment older than this.
+PRIVATE_REPLY_WINDOW = timedelta(days=7)
 #: No retry waits longer than this, unless Meta itself asks for longer.
 MAX_RETRY_DELAY_SECONDS = 4 * 3600
 #: RQ looks for abandoned jobs this often (its default is 10 minutes).
@@ -107,17 +110,26 @@ def _reply_or_ignore(ctx, event):
         log.info("event %s: ignored (%s)", key, decision.outcome)
         return None
 
-    sender = pseudonym(decision.recipient_id, ctx.settings.app_secrets[0])
-    if not ctx.store.claim_cooldown(sender, key, ctx.settings.reply_cooldown_seconds):
+    whom = pseudonym(
+        decision.recipient_id or decision.comment_id, ctx.settings.app_secrets[0]
+    )
+    if decision.cooldown and not ctx.store.claim_cooldown(
+        whom, key, ctx.settings.reply_cooldown_seconds
+    ):
         ctx.store.finish(key, "ignored", "cooldown")
         log.info(
-            "event %s: ignored (sender %s had a reply within the cooldown)", key, sender
+            "event %s: ignored (sender %s had a reply within the cooldown)", key, whom
         )
         return None
 
     ctx.store.mark_send_started(key)
     try:
-        message_id = ctx.client.send_text(decision.recipient_id, decision.text)
+        if decision.comment_id:
+            message_id = ctx.client.send_private_reply(
+                decision.comment_id, decision.text
+            )
+        else:
+            message_id = ctx.client.send_text(decision.recipient_id, decision.text)
     except GraphAPIError as exc:
         if exc.maybe_sent:
             ctx.store.mark_send_uncertain(key)
@@ -130,7 +142,7 @@ def _reply_or_ignore(ctx, event):
             return _retry(ctx, key, event["attempts"], exc)
         raise  # permanent: record_failure dead-letters it and frees the slot
     ctx.store.record_reply(key, message_id)
-    log.info("event %s: replied to %s", key, sender)
+    log.info("event %s: replied to %s", key, whom)
     return None
 
 
@@ -140,32 +152,61 @@ class Decision:
 
     outcome: str | None = None
     recipient_id: str = ""
+    comment_id: str = ""
     text: str = ""
+    #: Default replies wait out REPLY_COOLDOWN_SECONDS; keyword replies never do.
+    cooldown: bool = False
 
 
 def decide(event, settings, now):
     """Decide what an event needs. Raise EventFailed when it can never be answered."""
-    if event["kind"] != MESSAGE:
-        return Decision(outcome=f"no reply to {event['kind']}")
-    if not settings.auto_reply_text:
-        return Decision(outcome="default replies are off")
+    kind = event["kind"]
+    if kind not in (MESSAGE, COMMENT):
+        return Decision(outcome=f"no reply to {kind}")
     try:
         data = json.loads(event["payload"])
     except ValueError:
         return Decision(outcome="payload unreadable")
+    occurred = parse_iso(event["occurred_at"])
+    age = now - occurred if occurred is not None else timedelta(0)
+    if kind == COMMENT:
+        return _decide_comment(data, settings, age)
+
     recipient = sender_id(data)
     if not recipient:
         return Decision(outcome="no sender")
     if recipient == settings.account_id:
         return Decision(outcome="no reply to our own message")
-
-    occurred = parse_iso(event["occurred_at"])
-    if occurred is not None and now - occurred > REPLY_WINDOW:
+    rule = rules.first_match(settings.reply_rules, "message", message_text(data))
+    if rule is None and not settings.auto_reply_text:
+        return Decision(outcome="no rule matched; default replies are off")
+    if age > REPLY_WINDOW:
         raise EventFailed(
             "outside_window",
             "the message is older than 24 hours; Meta refuses replies to it",
         )
-    return Decision(recipient_id=recipient, text=settings.auto_reply_text)
+    if rule is not None:
+        return Decision(recipient_id=recipient, text=rule.reply)
+    return Decision(
+        recipient_id=recipient, text=settings.auto_reply_text, cooldown=True
+    )
+
+
+def _decide_comment(data, settings, age):
+    comment_id, author, text = comment_fields(data)
+    if not comment_id:
+        return Decision(outcome="comment without an id")
+    if author and author == settings.account_id:
+        return Decision(outcome="no reply to our own comment")
+    rule = rules.first_match(settings.reply_rules, "comment", text)
+    if rule is None:
+        return Decision(outcome="no comment rule matched")
+    if age > PRIVATE_REPLY_WINDOW:
+        raise EventFailed(
+            "outside_window",
+            "the comment is older than 7 days; Meta refuses private replies to it",
+        )
+    return Decision(comment_id=comment_id, text=rule.reply)
 
 
 # -- retries -----------------------------------------------------------------
