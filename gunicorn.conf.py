@@ -12,7 +12,7 @@ except ConfigError as exc:
     # One line naming the setting, instead of a traceback from every worker.
     print(f"configuration error: {exc}", file=sys.stderr)
     sys.exit(2)
-logs.configure(_settings.log_level)
+logs.configure(_settings.log_level, _settings.log_format)
 
 bind = f"{_settings.host}:{_settings.port}"
 workers = 2

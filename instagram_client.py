@@ -12,6 +12,7 @@ import time
 import requests
 from urllib3.exceptions import NewConnectionError
 
+import metrics
 from errors import GraphAPIError
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,20 @@ class InstagramClient:
 
     def _send(self, payload):
         url = f"{self.base_url}/{self.account_id}/messages"
+        try:
+            message_id = self._send_once(url, payload)
+        except GraphAPIError as exc:
+            outcome = (
+                "uncertain"
+                if exc.maybe_sent
+                else ("transient" if exc.transient else "permanent")
+            )
+            metrics.GRAPH_CALLS.labels(outcome).inc()
+            raise
+        metrics.GRAPH_CALLS.labels("ok").inc()
+        return message_id
+
+    def _send_once(self, url, payload):
         response = self._post(url, payload)
         if response.status_code >= 400:
             error = error_from_response(response)
@@ -185,6 +200,7 @@ class InstagramClient:
                 transient=True,
                 maybe_sent=sent,
             ) from None
+        metrics.GRAPH_LATENCY.observe(time.monotonic() - started)
         log.debug(
             "Graph API answered HTTP %s in %.0f ms",
             response.status_code,

@@ -1,16 +1,22 @@
-"""Start the whole service (web, worker and, when needed, Redis) and watch it.
+"""Start the service's processes (web, worker, Redis, dashboard) and watch them.
 
 ``python launcher.py`` is what ``./run.sh`` and the container run. It checks
 the settings, creates the database, uses the Redis at REDIS_URL or starts a
 private ``redis-server`` when nothing answers there on this machine, then
-runs gunicorn and the worker.
+runs gunicorn, the worker and, when DASHBOARD_PASSWORD is set, rq-dashboard.
+``python launcher.py web`` (gunicorn and the dashboard) and ``python
+launcher.py worker`` run one part each, for docker-compose; they never start
+a Redis. ``python launcher.py healthcheck`` exits 0 when the web server
+answers GET /healthz.
 
-On SIGTERM or SIGINT it stops the web first (no new deliveries), lets the
-worker finish its current job, then stops Redis, which saves its data, and
-exits 0. If a process dies on its own, it stops the others and exits 1 with a
-line saying which one: never a half-alive service.
+On SIGTERM or SIGINT it stops the web first (no new deliveries, requests in
+flight finish), lets the worker finish its current job, then stops Redis,
+which saves its data, and exits 0, all within STOP_TIMEOUT_SECONDS. If a
+process dies on its own, it stops the others (and whatever the dead one left
+behind) and exits 1 with a line saying which one: never a half-alive service.
 """
 
+import argparse
 import logging
 import os
 import shutil
@@ -19,6 +25,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from redis import Redis
@@ -32,8 +40,53 @@ from storage import Store
 log = logging.getLogger("launcher")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STOP_TIMEOUT_SECONDS = 25
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "")
+ROLES = ("all", "web", "worker", "healthcheck")
+#: Stopping order: deliveries first, Redis last so nothing queued is lost.
+STOP_ORDER = ("web", "dashboard", "worker", "redis")
+#: Every process is stopped within this, inside the 30 s a container gets.
+STOP_TIMEOUT_SECONDS = 26
+#: Time kept for each process still to stop after the current one.
+STOP_RESERVE_SECONDS = 2
+#: What the container's health check asks for.
+HEALTH_PATH = "/healthz"
+HEALTHCHECK_TIMEOUT_SECONDS = 4
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """Where rq-dashboard listens and the credentials it asks for."""
+
+    username: str
+    password: str
+    host: str = "127.0.0.1"
+    port: int = 9181
+
+
+def dashboard_settings(env):
+    """Return the dashboard's settings, or None when DASHBOARD_PASSWORD is unset.
+
+    Raise ConfigError naming DASHBOARD_PORT when it is not a port number.
+    """
+    raw_port = (env.get("DASHBOARD_PORT") or "").strip()
+    port = DashboardSettings.port
+    if raw_port:
+        if not (raw_port.isascii() and raw_port.isdigit()) or not (
+            1 <= int(raw_port) <= 65535
+        ):
+            raise ConfigError(
+                "DASHBOARD_PORT", f"expected a port from 1 to 65535, got {raw_port!r}"
+            )
+        port = int(raw_port)
+    password = env.get("DASHBOARD_PASSWORD") or ""
+    if not password.strip():
+        return None
+    return DashboardSettings(
+        username=(env.get("DASHBOARD_USERNAME") or "").strip() or "admin",
+        password=password,
+        host=(env.get("DASHBOARD_HOST") or "").strip() or DashboardSettings.host,
+        port=port,
+    )
 
 
 def redis_answers(url):
@@ -47,7 +100,7 @@ def redis_answers(url):
 
 
 def port_is_free(host, port):
-    """Return True when the web server could listen on host:port."""
+    """Return True when a server could listen on host:port."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn does
         try:
@@ -57,11 +110,30 @@ def port_is_free(host, port):
     return True
 
 
-class Launcher:
-    """The service's processes, started in order and stopped in reverse."""
+def describe_exit(code):
+    """Say how a process ended, from its Popen return code."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"status {code}"
 
-    def __init__(self, settings):
+
+def kill_leftovers(pgid):
+    """SIGKILL what is left of a process group, such as RQ's scheduler."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Launcher:
+    """The service's processes, started in order and stopped in order."""
+
+    def __init__(self, settings, dashboard=None):
         self.settings = settings
+        self.dashboard = dashboard
         self.procs = {}
         self.stopping = False
 
@@ -112,17 +184,44 @@ class Launcher:
                 raise SystemExit("error: the private redis-server did not start")
             time.sleep(0.1)
 
-    def start_app(self):
-        """Start gunicorn and the worker."""
+    def start_web(self):
+        """Start gunicorn."""
         self._spawn(
             "web", [sys.executable, "-m", "gunicorn", "webhook_app:create_app()"]
         )
+
+    def start_worker(self):
+        """Start the RQ worker."""
         self._spawn("worker", [sys.executable, os.path.join(HERE, "worker.py")])
 
-    def _spawn(self, name, argv):
+    def start_dashboard(self):
+        """Start rq-dashboard behind basic auth, if DASHBOARD_PASSWORD is set."""
+        if self.dashboard is None:
+            return
+        # Credentials and the Redis URL (which may hold a password) go through
+        # the environment, where ps does not show them.
+        env = {
+            **os.environ,
+            "RQ_DASHBOARD_USERNAME": self.dashboard.username,
+            "RQ_DASHBOARD_PASSWORD": self.dashboard.password,
+            "RQ_DASHBOARD_REDIS_URL": self.settings.redis_url,
+            "RQ_DASHBOARD_BIND": self.dashboard.host,
+            "RQ_DASHBOARD_PORT": str(self.dashboard.port),
+        }
+        self._spawn("dashboard", [sys.executable, "-m", "rq_dashboard"], env=env)
+        log.info(
+            "rq-dashboard on %s:%d, user %s",
+            self.dashboard.host,
+            self.dashboard.port,
+            self.dashboard.username,
+        )
+
+    def _spawn(self, name, argv, env=None):
         # A session of its own: Ctrl-C reaches only this launcher, which then
         # stops the processes in order instead of all at once.
-        self.procs[name] = subprocess.Popen(argv, cwd=HERE, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            argv, cwd=HERE, env=env, start_new_session=True
+        )
         log.info("started %s (pid %d)", name, self.procs[name].pid)
 
     def watch(self):
@@ -132,40 +231,82 @@ class Launcher:
                 code = proc.poll()
                 if code is not None:
                     log.error(
-                        "%s exited on its own with status %s; stopping the service",
+                        "%s exited on its own (%s); stopping the service",
                         name,
-                        code,
+                        describe_exit(code),
                     )
+                    kill_leftovers(proc.pid)
                     self.stop()
                     return 1
             time.sleep(0.2)
         self.stop()
         return 0
 
-    def stop(self, *_):
-        """Stop web, then worker, then Redis, each given time to finish."""
+    def stop(self):
+        """Stop web, dashboard, worker, then Redis, within STOP_TIMEOUT_SECONDS."""
         self.stopping = True
-        for name in ("web", "worker", "redis"):
-            proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                log.error(
-                    "%s did not stop in %ds; killing it", name, STOP_TIMEOUT_SECONDS
-                )
-                proc.kill()
-                proc.wait()
-            log.info("%s stopped", name)
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        names = [name for name in STOP_ORDER if name in self.procs]
+        for i, name in enumerate(names):
+            proc = self.procs.pop(name)
+            if proc.poll() is None:
+                proc.terminate()
+                # Keep a little time for each process after this one.
+                reserve = STOP_RESERVE_SECONDS * (len(names) - i - 1)
+                try:
+                    proc.wait(max(1.0, deadline - time.monotonic() - reserve))
+                except subprocess.TimeoutExpired:
+                    log.error("%s did not stop in time; killing it", name)
+                    proc.kill()
+                    proc.wait()
+                log.info("%s stopped", name)
+            # Each process leads a group of its own (start_new_session).
+            kill_leftovers(proc.pid)
 
 
-def main():
+def healthcheck(settings):
+    """Return 0 when the web server answers GET HEALTH_PATH with 200, else 1."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{settings.port}{HEALTH_PATH}"
+    try:
+        with urllib.request.urlopen(url, timeout=HEALTHCHECK_TIMEOUT_SECONDS) as r:
+            if r.status == 200:
+                return 0
+            problem = f"status {r.status}"
+    except OSError as exc:
+        problem = type(exc).__name__
+    print(f"unhealthy: GET {url} failed ({problem})", file=sys.stderr)
+    return 1
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Run the Instagram webhook service and stop it cleanly."
+    )
+    parser.add_argument(
+        "role",
+        nargs="?",
+        default="all",
+        choices=ROLES,
+        help="all (default): web, worker, dashboard, and Redis if none answers;"
+        " web (with the dashboard) or worker: that part alone, for"
+        " docker-compose; healthcheck: exit 0 when GET /healthz answers 200",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    role = parse_args(argv).role
     os.chdir(HERE)
     try:
         settings = settings_module.load()
-        settings.require_worker_settings()
+        if role == "healthcheck":
+            return healthcheck(settings)
+        if role != "web":
+            settings.require_worker_settings()
+        dashboard = dashboard_settings(os.environ) if role != "worker" else None
         logs.configure(settings.log_level)
         Store(settings.database_path).init_schema()
     except ConfigError as exc:
@@ -175,20 +316,32 @@ def main():
         print(f"storage error: {exc}", file=sys.stderr)
         return 2
 
-    if not port_is_free(settings.host, settings.port):
+    if role != "worker" and not port_is_free(settings.host, settings.port):
         print(
             f"error: port {settings.port} is in use; is the service already running?"
             " (set PORT to use another)",
             file=sys.stderr,
         )
         return 1
+    if dashboard and not port_is_free(dashboard.host, dashboard.port):
+        print(
+            f"error: DASHBOARD_PORT {dashboard.port} is in use"
+            " (set DASHBOARD_PORT to use another)",
+            file=sys.stderr,
+        )
+        return 1
 
-    launcher = Launcher(settings)
+    launcher = Launcher(settings, dashboard)
     signal.signal(signal.SIGTERM, lambda *_: setattr(launcher, "stopping", True))
     signal.signal(signal.SIGINT, lambda *_: setattr(launcher, "stopping", True))
     try:
-        launcher.start_redis_if_needed()
-        launcher.start_app()
+        if role == "all":
+            launcher.start_redis_if_needed()
+        if role in ("all", "web"):
+            launcher.start_web()
+            launcher.start_dashboard()
+        if role in ("all", "worker"):
+            launcher.start_worker()
         return launcher.watch()
     except SystemExit as exc:
         launcher.stop()

@@ -12,6 +12,23 @@ HANDLER = "worker.handle_event"
 FAILURE_CALLBACK = "worker.record_failure"
 
 
+def _token_key(queue):
+    return f"{queue.name}:token-invalid"
+
+
+def flag_token(queue, invalid):
+    """Remember in Redis whether the Graph API last said the token is invalid."""
+    if invalid:
+        queue.connection.set(_token_key(queue), "1")
+    else:
+        queue.connection.delete(_token_key(queue))
+
+
+def token_flagged(queue):
+    """Tell whether the Graph API last said the token is invalid."""
+    return bool(queue.connection.exists(_token_key(queue)))
+
+
 def job_timeout(settings):
     """Seconds a job may run (RQ stops it then): two Graph calls, a long lock wait."""
     return int(2 * settings.graph_timeout_seconds + 30)

@@ -1,5 +1,7 @@
--- The service's SQLite schema. Applied at every start-up; every statement is
--- idempotent. PRAGMA user_version records the schema version.
+-- The service's SQLite schema at version 1: the baseline, never edited again.
+-- Store.init_schema applies it to a new database (PRAGMA user_version 0), then
+-- every later change in storage.MIGRATIONS, in order; an existing database
+-- gets only the migrations above its user_version. Change the schema there.
 
 -- One row per event Meta delivered, whatever its kind.
 CREATE TABLE IF NOT EXISTS webhook_events (

@@ -50,6 +50,10 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8000
     log_level: str = "INFO"
+    #: "text" or "json" log lines.
+    log_format: str = "text"
+    #: When set, /metrics asks for "Authorization: Bearer METRICS_TOKEN".
+    metrics_token: str = ""
 
     def require_worker_settings(self):
         """Raise ConfigError unless the settings the worker needs are set."""
@@ -160,7 +164,16 @@ def from_env(env=None):
         host=(env.get("HOST") or "").strip() or Settings.host,
         port=_port(env),
         log_level=_log_level(env),
+        log_format=_choice(env, "LOG_FORMAT", ("text", "json"), Settings.log_format),
+        metrics_token=(env.get("METRICS_TOKEN") or "").strip(),
     )
+
+
+def _choice(env, name, choices, default):
+    value = (env.get(name) or "").strip().lower() or default
+    if value not in choices:
+        raise ConfigError(name, f"expected one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _flag(env, name, default):

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import sqlite_utils
 
+import metrics
 from errors import StorageError
 
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
@@ -22,6 +23,25 @@ BUSY_TIMEOUT_SECONDS = 5.0
 #: The worker waits longer: a reply that went out must be recorded.
 WORKER_BUSY_TIMEOUT_SECONDS = 20.0
 FINAL_STATUSES = ("done", "ignored", "dead")
+
+#: Schema changes after the version-1 baseline, in order, as (version, SQL).
+#:
+#: schema.sql is the version-1 baseline and is never edited again. A new
+#: database (PRAGMA user_version 0) gets schema.sql and then every migration;
+#: an existing one gets only the migrations above its user_version. New and
+#: old databases take the same path, so they cannot drift apart. To change
+#: the schema, append (next version, SQL) here.
+MIGRATIONS = (
+    (
+        2,
+        # `events list` and `purge` select by age.
+        "CREATE INDEX IF NOT EXISTS webhook_events_received"
+        " ON webhook_events (received_at);"
+        " CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);",
+    ),
+)
+#: The version init_schema brings every database to.
+SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
 def now_iso(delta_seconds=0.0):
@@ -82,10 +102,48 @@ class Store:
             db.close()
             self._local.db = None
 
+    #: The schema version this process found before its first init_schema.
+    found_version = None
+
+    def schema_version(self):
+        """Return the database's schema version (PRAGMA user_version)."""
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
     def init_schema(self):
-        """Create the tables that do not exist yet."""
-        with open(SCHEMA_PATH) as f:
-            self.db.executescript(f.read())
+        """Create or migrate the schema to SCHEMA_VERSION; return (before, after).
+
+        Runs as one write transaction: processes starting together migrate
+        once, and a migration that fails leaves the database as it was.
+        Raise StorageError when the database is newer than this code, or a
+        migration fails.
+        """
+        if self.found_version is None:
+            self.found_version = self.schema_version()
+        before = self.schema_version()
+        if before == SCHEMA_VERSION:
+            return before, before
+
+        try:
+            with self.transaction() as db:
+                before = self.schema_version()  # another process may have migrated
+                if before > SCHEMA_VERSION:
+                    raise StorageError(
+                        f"the database's schema is version {before}, newer than"
+                        f" this code's {SCHEMA_VERSION}; run the newer code"
+                    )
+                if before < 1:
+                    with open(SCHEMA_PATH) as f:
+                        db.executescript(f.read())
+                for version, sql in MIGRATIONS:
+                    if version > before:
+                        db.executescript(sql)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise StorageError(
+                f"cannot bring the schema from version {before} to"
+                f" {SCHEMA_VERSION}: {exc}"
+            ) from exc
+        return before, SCHEMA_VERSION
 
     @contextlib.contextmanager
     def transaction(self):
@@ -245,25 +303,27 @@ class Store:
     def record_reply(self, key, message_id):
         """Record the reply's message_id and end the event 'done', at once."""
         with self.transaction() as db:
-            db.execute(
+            ended = db.execute(
                 "UPDATE webhook_events SET status = 'done', reply_message_id = ?,"
                 " replied_at = ?, outcome = 'replied', lease_until = NULL,"
-                " updated_at = ? WHERE event_key = ?",
+                " updated_at = ? WHERE event_key = ? RETURNING kind",
                 (message_id, now_iso(), now_iso(), key),
-            )
+            ).fetchall()
             self.audit(key, "replied")
             self._resolve_dead_letter(db, key)
+        _count_finished(ended, "done")
 
     def finish(self, key, status, outcome):
         """End an event 'done' or 'ignored' with a short outcome."""
         with self.transaction() as db:
-            db.execute(
+            ended = db.execute(
                 "UPDATE webhook_events SET status = ?, outcome = ?, lease_until = NULL,"
-                " updated_at = ? WHERE event_key = ?",
+                " updated_at = ? WHERE event_key = ? RETURNING kind",
                 (status, outcome, now_iso(), key),
-            )
+            ).fetchall()
             self.audit(key, status, outcome)
             self._resolve_dead_letter(db, key)
+        _count_finished(ended, status)
 
     def release(self, key, action, detail="", retry_in=None):
         """Give the event back after an attempt; a retry is due in retry_in seconds."""
@@ -284,12 +344,12 @@ class Store:
         """
         now = now_iso()
         with self.transaction() as db:
-            db.execute(
+            ended = db.execute(
                 "UPDATE webhook_events SET status = 'dead', outcome = ?,"
                 " lease_until = NULL, send_started_at = NULL, updated_at = ?"
-                " WHERE event_key = ?",
+                " WHERE event_key = ? RETURNING kind",
                 (reason, now, key),
-            )
+            ).fetchall()
             db.execute(
                 "DELETE FROM reply_cooldowns WHERE event_key = ? AND NOT EXISTS"
                 " (SELECT 1 FROM webhook_events"
@@ -305,6 +365,7 @@ class Store:
                 (key, reason, error, attempts, now, now),
             )
             self.audit(key, "dead_lettered", reason)
+        _count_finished(ended, "dead")
 
     def store_unparseable(self, key, raw_text, problem):
         """Keep a signed body we cannot read, as a dead event; return True if new."""
@@ -435,3 +496,119 @@ class Store:
             "INSERT INTO audit_log (event_key, action, detail, at) VALUES (?, ?, ?, ?)",
             (key, action, detail, now_iso()),
         )
+
+    # -- operator commands -----------------------------------------------------
+
+    def events(
+        self, kind=None, status=None, older_than=None, newer_than=None, limit=50
+    ):
+        """Return events, newest first, without their payload."""
+        where, params = ["1 = 1"], []
+        for column, value in (("kind", kind), ("status", status)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if older_than is not None:
+            where.append("received_at < ?")
+            params.append(now_iso(-older_than))
+        if newer_than is not None:
+            where.append("received_at >= ?")
+            params.append(now_iso(-newer_than))
+        return list(
+            self.db.query(
+                "SELECT id, event_key, kind, status, attempts, outcome, occurred_at,"
+                " received_at, updated_at FROM webhook_events"
+                f" WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+                [*params, limit],
+            )
+        )
+
+    def dead_letter_of(self, key):
+        """Return the dead-letter row of one event, or None."""
+        rows = list(
+            self.db.query("SELECT * FROM dead_letter WHERE event_key = ?", [key])
+        )
+        return rows[0] if rows else None
+
+    def purge(self, older_than, cooldown_seconds=0, dry_run=False):
+        """Delete what is older than older_than seconds; return counts per table.
+
+        An event goes when it arrived before the cut-off, is finished, and has
+        no dead letter still open or replayed, or closed after the cut-off; its
+        dead letter and all its audit rows go with it, and so do audit rows
+        older than the cut-off that belong to no event. A reply cooldown goes
+        when it is older than both the cut-off and the cooldown. With dry_run
+        the same statements run and are rolled back, so the counts agree.
+        """
+        cutoff = now_iso(-older_than)
+        params = {
+            "cutoff": cutoff,
+            "cooldown_cutoff": min(cutoff, now_iso(-cooldown_seconds)),
+        }
+        counts = {}
+        # Deleted pages are overwritten, not just freed: payloads are personal.
+        self.db.execute("PRAGMA secure_delete = ON")
+        try:
+            with self.transaction() as db:
+                for name, sql in _PURGE_COUNTS:
+                    counts[name] = db.execute(sql, params).fetchone()[0]
+                for name, sql in _PURGE_DELETES:
+                    counts[name] = db.execute(sql, params).rowcount
+                if dry_run:
+                    raise _RollBack
+        except _RollBack:
+            pass
+        return counts
+
+
+def _count_finished(rows, status):
+    for (kind,) in rows:
+        metrics.EVENTS_FINISHED.labels(kind, status).inc()
+
+
+class _RollBack(Exception):
+    """Raised inside a transaction to undo it on purpose (a dry run)."""
+
+
+# An event whose dead letter must stay: open, replayed, or closed lately.
+_HELD = (
+    "EXISTS (SELECT 1 FROM dead_letter d WHERE d.event_key = e.event_key"
+    " AND (d.status IN ('open', 'replayed') OR d.updated_at >= :cutoff))"
+)
+# An old event that may go: finished, and no dead letter that must stay.
+_PURGEABLE = (
+    "SELECT e.event_key FROM webhook_events e WHERE e.received_at < :cutoff"
+    f" AND e.status IN ('done', 'ignored', 'dead') AND NOT {_HELD}"
+)
+_NO_EVENT = "event_key NOT IN (SELECT event_key FROM webhook_events)"
+# Old events that stay, and why, counted before anything is deleted.
+_PURGE_COUNTS = (
+    (
+        "kept_dead_letter",
+        "SELECT count(*) FROM webhook_events e WHERE e.received_at < :cutoff"
+        f" AND {_HELD}",
+    ),
+    (
+        "kept_unfinished",
+        "SELECT count(*) FROM webhook_events e WHERE e.received_at < :cutoff"
+        f" AND e.status NOT IN ('done', 'ignored', 'dead') AND NOT {_HELD}",
+    ),
+)
+# In this order: the events go last, as the others are chosen through them.
+_PURGE_DELETES = (
+    (
+        "audit_log",
+        f"DELETE FROM audit_log WHERE event_key IN ({_PURGEABLE})"
+        f" OR (at < :cutoff AND (event_key IS NULL OR {_NO_EVENT}))",
+    ),
+    (
+        "dead_letter",
+        "DELETE FROM dead_letter WHERE status IN ('resolved', 'discarded')"
+        f" AND updated_at < :cutoff AND (event_key IN ({_PURGEABLE}) OR {_NO_EVENT})",
+    ),
+    (
+        "reply_cooldowns",
+        "DELETE FROM reply_cooldowns WHERE replied_at < :cooldown_cutoff",
+    ),
+    ("webhook_events", f"DELETE FROM webhook_events WHERE event_key IN ({_PURGEABLE})"),
+)

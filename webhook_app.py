@@ -10,15 +10,15 @@ import logging
 import os
 import sqlite3
 
-import click
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 import commands
+import metrics
 import queueing
 import settings as settings_module
-from errors import SignatureError, StorageError
+from errors import ConfigError, SignatureError, StorageError
 from events import UnparseableDelivery, parse_delivery
 from security import SIGNATURE_HEADER, token_matches, verify_signature
 from storage import Store
@@ -36,6 +36,18 @@ def create_app(config=None):
     environment) that override the environment; None reads .env and the
     environment.
     """
+    if config is not None:
+        return _build(config)
+    # Started from a command line (gunicorn, flask): one line, no traceback.
+    try:
+        return _build(None)
+    except ConfigError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
+    except StorageError as exc:
+        raise SystemExit(f"storage error: {exc}") from None
+
+
+def _build(config):
     if isinstance(config, settings_module.Settings):
         settings = config
     elif config is not None:
@@ -53,8 +65,12 @@ def create_app(config=None):
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
-    app.cli.add_command(init_db_command)
+    app.cli.add_command(commands.init_db)
     app.cli.add_command(commands.dead_letter)
+    app.cli.add_command(commands.check_config)
+    app.cli.add_command(commands.events_group)
+    app.cli.add_command(commands.send_test_event)
+    app.cli.add_command(commands.purge)
     return app
 
 
@@ -103,6 +119,7 @@ def receive():
         verify_signature(raw, headers[0] if headers else None, _settings().app_secrets)
     except SignatureError as exc:
         log.warning("delivery %s rejected (check IG_APP_SECRET): %s", delivery, exc)
+        metrics.DELIVERIES.labels("rejected").inc()
         _audit_quietly(store, None, "rejected_delivery", str(exc))
         return jsonify(error=str(exc)), 401
 
@@ -115,8 +132,12 @@ def receive():
         new = store.store_events(events)
     except (sqlite3.Error, StorageError) as exc:
         log.error("delivery %s not stored, answering 503: %s", delivery, exc)
+        metrics.DELIVERIES.labels("storage_unavailable").inc()
         return jsonify(error="storage unavailable, retry later"), 503
 
+    metrics.DELIVERIES.labels("accepted").inc()
+    for event in new:
+        metrics.EVENTS_RECEIVED.labels(event.kind).inc()
     queued = _enqueue(store, new, delivery)
     log.info(
         "delivery %s: %d events, %d new, %d duplicate, %d queued",
@@ -163,8 +184,10 @@ def _keep_unparseable(store, raw, delivery, problem):
         store.store_unparseable(key, raw.decode("utf-8", "backslashreplace"), problem)
     except (sqlite3.Error, StorageError) as exc:
         log.error("delivery %s not stored, answering 503: %s", delivery, exc)
+        metrics.DELIVERIES.labels("storage_unavailable").inc()
         return jsonify(error="storage unavailable, retry later"), 503
     log.warning("delivery %s kept as %s in dead_letter: %s", delivery, key, problem)
+    metrics.DELIVERIES.labels("unparseable").inc()
     return jsonify(received=0, new=0, unparseable=True), 200
 
 
@@ -172,6 +195,60 @@ def _keep_unparseable(store, raw, delivery, problem):
 def healthz():
     """Say that the process is up."""
     return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+def readyz():
+    """Say whether Redis answers, SQLite is writable and the token still works."""
+    checks = {
+        "redis": _check_redis(),
+        "database": _check_database(),
+        "graph_token": _check_token(),
+    }
+    ready = all(value == "ok" for value in checks.values())
+    return jsonify(status="ready" if ready else "not ready", checks=checks), (
+        200 if ready else 503
+    )
+
+
+def _check_redis():
+    try:
+        current_app.extensions["queue"].connection.ping()
+    except RedisError as exc:
+        return f"unreachable ({type(exc).__name__})"
+    return "ok"
+
+
+def _check_database():
+    conn = _store().db.conn
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    except (sqlite3.Error, StorageError) as exc:
+        return f"not writable ({exc})"
+    return "ok"
+
+
+def _check_token():
+    try:
+        flagged = queueing.token_flagged(current_app.extensions["queue"])
+    except RedisError:
+        return "unknown (Redis unreachable)"
+    if flagged:
+        return "invalid: the Graph API refused IG_ACCESS_TOKEN; set a new one"
+    return "ok"
+
+
+@bp.get("/metrics")
+def metrics_page():
+    """Serve Prometheus metrics of every process, behind METRICS_TOKEN if set."""
+    token = _settings().metrics_token
+    if token and not token_matches(
+        request.headers.get("Authorization", "").removeprefix("Bearer "), token
+    ):
+        return jsonify(error="metrics need Authorization: Bearer METRICS_TOKEN"), 401
+    body, content_type = metrics.render(_store(), current_app.extensions["queue"])
+    return Response(body, 200, content_type=content_type)
 
 
 def _audit_quietly(store, key, action, detail):
@@ -188,6 +265,8 @@ def _text(body, status):
 
 
 def _http_error(exc):
+    if exc.code == 413:
+        metrics.DELIVERIES.labels("too_large").inc()
     return jsonify(
         error=exc.description if exc.code != 500 else "internal error"
     ), exc.code
@@ -196,10 +275,3 @@ def _http_error(exc):
 def _unexpected_error(exc):
     log.exception("unexpected error on %s %s", request.method, request.path)
     return jsonify(error="internal error"), 500
-
-
-@click.command("init-db")
-def init_db_command():
-    """Create the database tables that do not exist yet."""
-    current_app.extensions["store"].init_schema()
-    click.echo(f"database ready at {_settings().database_path}")

@@ -143,6 +143,10 @@ def _reply_or_ignore(ctx, event):
         raise  # permanent: record_failure dead-letters it and frees the slot
     ctx.store.record_reply(key, message_id)
     log.info("event %s: replied to %s", key, whom)
+    job = get_current_job()
+    if job is not None:
+        # The token works: /readyz stops reporting it as invalid.
+        queueing.flag_token(queueing.get_queue(ctx.settings, job.connection), False)
     return None
 
 
@@ -302,6 +306,7 @@ def record_failure(job, connection, exc_type, exc, traceback):
     job.description = f"{event['kind']} event {key}: {reason}"
     connection.hset(job.key, "description", job.description)
     if reason == "token_invalid":
+        queueing.flag_token(queueing.get_queue(ctx.settings, connection), True)
         log.error(
             "event %s: dead-lettered: the Graph API says IG_ACCESS_TOKEN is invalid or "
             "expired; set a new IG_ACCESS_TOKEN, restart the worker, then replay the "
@@ -372,6 +377,19 @@ class EventWorker(SimpleWorker):
     Job timeouts still apply (SIGALRM in this, the main, thread).
     """
 
+    def subscribe(self):
+        """Listen for RQ's worker commands, checking every second.
+
+        RQ's own listener may sleep up to 60 s before it notices it is
+        subscribed, and a stopping worker waits for it: every stop, burst
+        run and test would then take a minute.
+        """
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=1, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+
     def request_stop(self, signum, frame):
         """Finish the current job, then stop (RQ's warm shutdown) for good."""
         STOP.set()
@@ -395,7 +413,7 @@ def main(argv=None):
 
     try:
         ctx = context()
-        logs.configure(ctx.settings.log_level)
+        logs.configure(ctx.settings.log_level, ctx.settings.log_format)
         ctx.store.init_schema()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

@@ -4,16 +4,21 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 
-import payloads
-import pytest
-from redis import Redis
+# Metrics of every process the tests start go to one throw-away folder,
+# chosen before anything imports prometheus_client.
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ig-metrics-")
 
-import queueing
-import settings as settings_module
-import worker
-from webhook_app import create_app
+import payloads  # noqa: E402
+import pytest  # noqa: E402
+from redis import Redis  # noqa: E402
+
+import queueing  # noqa: E402
+import settings as settings_module  # noqa: E402
+import worker  # noqa: E402
+from webhook_app import create_app  # noqa: E402
 
 GRAPH_BASE = "https://graph.test"
 

@@ -35,6 +35,7 @@ def service_env(tmp_path, graph_url, **extra):
             "GRAPH_API_BASE": graph_url,
             "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
             "DATABASE_PATH": str(tmp_path / "data" / "webhooks.db"),
+            "HOST": "127.0.0.1",
             "PORT": str(free_port()),
             "REPLY_COOLDOWN_SECONDS": "0",
             "RETRY_DELAYS": "1",
