@@ -95,6 +95,17 @@ def table(headers, rows):
     )
 
 
+def age_options(command):
+    """Add --older-than and --newer-than (ages such as 2h or 7d) to a command."""
+    newer = click.option(
+        "--newer-than", type=Age(), help="Only those newer than this, e.g. 7d."
+    )
+    older = click.option(
+        "--older-than", type=Age(), help="Only those older than this, e.g. 2h."
+    )
+    return older(newer(command))
+
+
 @dead_letter.command("list")
 @click.option("--reason", help="Only this reason, e.g. token_invalid.")
 @click.option(
@@ -104,8 +115,7 @@ def table(headers, rows):
     show_default=True,
     help="Only dead letters in this state.",
 )
-@click.option("--older-than", type=Age(), help="Only those older than this, e.g. 2h.")
-@click.option("--newer-than", type=Age(), help="Only those newer than this, e.g. 7d.")
+@age_options
 def list_command(reason, status, older_than, newer_than):
     """List dead letters, newest first."""
     rows = _store().dead_letters(
@@ -490,8 +500,7 @@ EVENT_STATUSES = ("received", "queued", "done", "ignored", "dead", "all")
     show_default=True,
     help="Only events in this state.",
 )
-@click.option("--older-than", type=Age(), help="Only those older than this, e.g. 2h.")
-@click.option("--newer-than", type=Age(), help="Only those newer than this, e.g. 7d.")
+@age_options
 @click.option(
     "--limit",
     type=click.IntRange(min=1),

@@ -419,22 +419,17 @@ class Store:
 
     def dead_letters(self, reason=None, status=None, older_than=None, newer_than=None):
         """Return dead-letter rows with their event's kind, newest first."""
-        where, params = ["1 = 1"], []
-        for column, value in (("d.reason", reason), ("d.status", status)):
-            if value:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if older_than is not None:
-            where.append("d.created_at < ?")
-            params.append(now_iso(-older_than))
-        if newer_than is not None:
-            where.append("d.created_at >= ?")
-            params.append(now_iso(-newer_than))
+        where, params = _filters(
+            {"d.reason": reason, "d.status": status},
+            "d.created_at",
+            older_than,
+            newer_than,
+        )
         return list(
             self.db.query(
                 "SELECT d.*, e.kind, e.reply_message_id, e.job_id"
                 " FROM dead_letter d JOIN webhook_events e USING (event_key)"
-                f" WHERE {' AND '.join(where)} ORDER BY d.id DESC",
+                f" WHERE {where} ORDER BY d.id DESC",
                 params,
             )
         )
@@ -503,22 +498,14 @@ class Store:
         self, kind=None, status=None, older_than=None, newer_than=None, limit=50
     ):
         """Return events, newest first, without their payload."""
-        where, params = ["1 = 1"], []
-        for column, value in (("kind", kind), ("status", status)):
-            if value:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if older_than is not None:
-            where.append("received_at < ?")
-            params.append(now_iso(-older_than))
-        if newer_than is not None:
-            where.append("received_at >= ?")
-            params.append(now_iso(-newer_than))
+        where, params = _filters(
+            {"kind": kind, "status": status}, "received_at", older_than, newer_than
+        )
         return list(
             self.db.query(
                 "SELECT id, event_key, kind, status, attempts, outcome, occurred_at,"
                 " received_at, updated_at FROM webhook_events"
-                f" WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+                f" WHERE {where} ORDER BY id DESC LIMIT ?",
                 [*params, limit],
             )
         )
@@ -612,3 +599,19 @@ _PURGE_DELETES = (
     ),
     ("webhook_events", f"DELETE FROM webhook_events WHERE event_key IN ({_PURGEABLE})"),
 )
+
+
+def _filters(equal, time_column, older_than, newer_than):
+    """Build a WHERE clause: columns equal to the given values, and an age range."""
+    where, params = ["1 = 1"], []
+    for column, value in equal.items():
+        if value:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if older_than is not None:
+        where.append(f"{time_column} < ?")
+        params.append(now_iso(-older_than))
+    if newer_than is not None:
+        where.append(f"{time_column} >= ?")
+        params.append(now_iso(-newer_than))
+    return " AND ".join(where), params

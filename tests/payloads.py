@@ -3,6 +3,8 @@
 import itertools
 import json
 import time
+import urllib.error
+import urllib.request
 
 import security
 
@@ -168,3 +170,18 @@ def graph_error(code, subcode=None, message="An error occurred", **fields):
     if subcode is not None:
         error["error_subcode"] = subcode
     return {"error": error}
+
+
+def post_signed(base_url, raw, timeout=10):
+    """POST a correctly signed delivery to a running service; return the status."""
+    request = urllib.request.Request(
+        base_url + "/webhooks/instagram",
+        data=raw,
+        headers=signed_headers(raw),
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code

@@ -72,17 +72,8 @@ def container_env(tmp_path, graph_url, **extra):
 def deliver(url, sender):
     """Post one signed direct message from sender; return the status, or None."""
     raw = payloads.body(payloads.delivery(payloads.text_message(sender)))
-    request = urllib.request.Request(
-        url + "/webhooks/instagram",
-        data=raw,
-        headers=payloads.signed_headers(raw),
-        method="POST",
-    )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+        return payloads.post_signed(url, raw)
     except OSError:  # refused or cut off: the service is stopping
         return None
 

@@ -73,17 +73,7 @@ class Service:
             return False
 
     def post(self, raw):
-        request = urllib.request.Request(
-            self.url + "/webhooks/instagram",
-            data=raw,
-            headers=payloads.signed_headers(raw),
-            method="POST",
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
+        return payloads.post_signed(self.url, raw)
 
     def statuses(self):
         with sqlite3.connect(self.db_path) as db:

@@ -12,8 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import payloads
 import pytest
@@ -116,18 +114,8 @@ class Stack:
         return proc
 
     def post(self, delivery):
-        raw = payloads.body(delivery)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.web_port}/webhooks/instagram",
-            data=raw,
-            headers=payloads.signed_headers(raw),
-            method="POST",
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
+        url = f"http://127.0.0.1:{self.web_port}"
+        return payloads.post_signed(url, payloads.body(delivery))
 
     def query(self, sql, params=()):
         with sqlite3.connect(self.db_path, timeout=10) as db:
