@@ -7,7 +7,7 @@ runs gunicorn, the worker and, when DASHBOARD_PASSWORD is set, rq-dashboard.
 ``python launcher.py web`` (gunicorn and the dashboard) and ``python
 launcher.py worker`` run one part each, for docker-compose; they never start
 a Redis. ``python launcher.py healthcheck`` exits 0 when the web server
-answers GET /healthz.
+answers GET /readyz.
 
 On SIGTERM or SIGINT it stops the web first (no new deliveries, requests in
 flight finish), lets the worker finish its current job, then stops Redis,
@@ -49,7 +49,7 @@ STOP_TIMEOUT_SECONDS = 26
 #: Time kept for each process still to stop after the current one.
 STOP_RESERVE_SECONDS = 2
 #: What the container's health check asks for.
-HEALTH_PATH = "/healthz"
+HEALTH_PATH = "/readyz"
 HEALTHCHECK_TIMEOUT_SECONDS = 4
 
 
@@ -292,7 +292,7 @@ def parse_args(argv):
         choices=ROLES,
         help="all (default): web, worker, dashboard, and Redis if none answers;"
         " web (with the dashboard) or worker: that part alone, for"
-        " docker-compose; healthcheck: exit 0 when GET /healthz answers 200",
+        " docker-compose; healthcheck: exit 0 when GET /readyz answers 200",
     )
     return parser.parse_args(argv)
 
