@@ -240,12 +240,16 @@ def discard_command(ids):
     """Mark dead letters discarded; they stay in the table for the audit."""
     store = _store()
     queue = queueing.get_queue(_settings())
+    discarded = 0
     for row in _select(ids, None, False):
         if not store.discard(row["event_key"]):
             click.echo(f"{row['id']}: not discarded: it is {row['status']}, not open")
             continue
         _drop_failed_job(queue, row["job_id"])
         click.echo(f"{row['id']}: discarded")
+        discarded += 1
+    if not discarded:
+        sys.exit(1)
 
 
 def _select(ids, reason, replay_all):
@@ -472,7 +476,7 @@ def _check_token(settings):
 
     if response.status_code >= 400:
         error = error_from_response(response)
-        hint = " (IG_ACCESS_TOKEN)" if error.reason == "token_invalid" else ""
+        hint = "; set a new IG_ACCESS_TOKEN" if error.reason == "token_invalid" else ""
         return f"refused: {error}", f"{error}{hint}"
     try:
         me = response.json()
@@ -616,7 +620,12 @@ SEND_TIMEOUT_SECONDS = 10
     show_default=True,
     help="Sender id of the events; an account of yours gets a real reply.",
 )
-def send_test_event(kind, url, sender):
+@click.option(
+    "--text",
+    default=sample_events.SAMPLE_TEXT,
+    help="Text of the message, edit or comment, e.g. to try a reply rule.",
+)
+def send_test_event(kind, url, sender, text):
     """Post a signed, Meta-shaped delivery of KIND and print the answer.
 
     KIND is one of: message, echo, reaction, read, comment, mention, edit,
@@ -634,7 +643,7 @@ def send_test_event(kind, url, sender):
         _fail("IG_ACCOUNT_ID is not set; the delivery needs the account's id")
     url = url or f"http://127.0.0.1:{settings.port}/webhooks/instagram"
     raw = sample_events.serialise(
-        sample_events.build(kind, settings.account_id, sender)
+        sample_events.build(kind, settings.account_id, sender, text=text)
     )
     keys = [(e.key, e.kind) for e in parse_delivery(raw, settings.account_id)]
 

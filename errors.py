@@ -15,7 +15,11 @@ class ConfigError(ServiceError):
 
 
 class SignatureError(ServiceError):
-    """A delivery's signature is missing or does not match any app secret."""
+    """A delivery's signature is missing, malformed or does not match."""
+
+
+class SignatureMismatch(SignatureError):
+    """A well-formed signature that no configured app secret produces."""
 
 
 class StorageError(ServiceError):

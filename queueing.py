@@ -1,5 +1,6 @@
 """Put events on the RQ queue. A job carries only the event key, never personal data."""
 
+import hashlib
 import logging
 import secrets
 
@@ -12,21 +13,23 @@ HANDLER = "worker.handle_event"
 FAILURE_CALLBACK = "worker.record_failure"
 
 
-def _token_key(queue):
-    return f"{queue.name}:token-invalid"
+def _token_key(queue, token):
+    # Keyed by a fingerprint of the token: a new IG_ACCESS_TOKEN starts clean.
+    fingerprint = hashlib.sha256(token.encode()).hexdigest()[:16]
+    return f"{queue.name}:token-invalid:{fingerprint}"
 
 
-def flag_token(queue, invalid):
-    """Remember in Redis whether the Graph API last said the token is invalid."""
+def flag_token(queue, token, invalid):
+    """Remember in Redis whether the Graph API last said this token is invalid."""
     if invalid:
-        queue.connection.set(_token_key(queue), "1")
+        queue.connection.set(_token_key(queue, token), "1")
     else:
-        queue.connection.delete(_token_key(queue))
+        queue.connection.delete(_token_key(queue, token))
 
 
-def token_flagged(queue):
-    """Tell whether the Graph API last said the token is invalid."""
-    return bool(queue.connection.exists(_token_key(queue)))
+def token_flagged(queue, token):
+    """Tell whether the Graph API last said this token is invalid."""
+    return bool(queue.connection.exists(_token_key(queue, token)))
 
 
 def job_timeout(settings):

@@ -32,7 +32,7 @@ BATCH_MESSAGING = ("message", "reaction", "read")
 BATCH_CHANGES = ("comment", "mention")
 
 
-def build(kind, account_id, sender=TEST_SENDER_ID, now=None):
+def build(kind, account_id, sender=TEST_SENDER_ID, now=None, text=SAMPLE_TEXT):
     """Return a delivery (a dict) holding one event of this kind, or a batch."""
     if kind not in KINDS:
         raise ValueError(f"expected one of {', '.join(KINDS)}, got {kind!r}")
@@ -43,17 +43,22 @@ def build(kind, account_id, sender=TEST_SENDER_ID, now=None):
                 account_id,
                 now,
                 messaging=[
-                    _messaging(k, account_id, sender, now) for k in BATCH_MESSAGING
+                    _messaging(k, account_id, sender, now, text)
+                    for k in BATCH_MESSAGING
                 ],
             ),
             _entry(
-                account_id, now, changes=[_change(k, sender) for k in BATCH_CHANGES]
+                account_id,
+                now,
+                changes=[_change(k, sender, text) for k in BATCH_CHANGES],
             ),
         )
     if kind in BATCH_CHANGES:
-        return _delivery(_entry(account_id, now, changes=[_change(kind, sender)]))
+        return _delivery(_entry(account_id, now, changes=[_change(kind, sender, text)]))
     return _delivery(
-        _entry(account_id, now, messaging=[_messaging(kind, account_id, sender, now)])
+        _entry(
+            account_id, now, messaging=[_messaging(kind, account_id, sender, now, text)]
+        )
     )
 
 
@@ -86,7 +91,7 @@ def _entry(account_id, now, messaging=(), changes=()):
     return entry
 
 
-def _messaging(kind, account_id, sender, now):
+def _messaging(kind, account_id, sender, now, text):
     event = {
         "sender": {"id": sender},
         "recipient": {"id": account_id},
@@ -94,10 +99,10 @@ def _messaging(kind, account_id, sender, now):
     }
     earlier = _mid()  # the message a reaction, read, edit or deletion is about
     if kind == "message":
-        event["message"] = {"mid": _mid(), "text": SAMPLE_TEXT}
+        event["message"] = {"mid": _mid(), "text": text}
     elif kind == "echo":
         event["sender"], event["recipient"] = {"id": account_id}, {"id": sender}
-        event["message"] = {"mid": _mid(), "text": SAMPLE_TEXT, "is_echo": True}
+        event["message"] = {"mid": _mid(), "text": text, "is_echo": True}
     elif kind == "reaction":
         event["reaction"] = {
             "mid": earlier,
@@ -108,7 +113,7 @@ def _messaging(kind, account_id, sender, now):
     elif kind == "read":
         event["read"] = {"mid": earlier}
     elif kind == "edit":
-        event["message_edit"] = {"mid": earlier, "text": SAMPLE_TEXT, "num_edit": 1}
+        event["message_edit"] = {"mid": earlier, "text": text, "num_edit": 1}
     elif kind == "deleted":
         event["message"] = {"mid": earlier, "is_deleted": True}
     elif kind == "postback":
@@ -116,13 +121,13 @@ def _messaging(kind, account_id, sender, now):
     return event
 
 
-def _change(kind, sender):
+def _change(kind, sender, text):
     if kind == "comment":
         return {
             "field": "comments",
             "value": {
                 "id": _numeric_id("1790"),
-                "text": SAMPLE_TEXT,
+                "text": text,
                 "from": {"id": sender, "username": "send_test_event"},
                 "media": {"id": _numeric_id("1800"), "media_product_type": "FEED"},
             },

@@ -4,7 +4,7 @@ import hashlib
 import hmac
 import re
 
-from errors import SignatureError
+from errors import SignatureError, SignatureMismatch
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 _PREFIX = "sha256="
@@ -38,7 +38,7 @@ def verify_signature(raw_body, header_value, secrets):
         # Compare against every secret, so timing says nothing about which one.
         matched |= hmac.compare_digest(expected, given)
     if not matched:
-        raise SignatureError("signature does not match the body")
+        raise SignatureMismatch("signature does not match the body")
 
 
 def sign(raw_body, secret):

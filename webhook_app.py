@@ -18,7 +18,7 @@ import commands
 import metrics
 import queueing
 import settings as settings_module
-from errors import ConfigError, SignatureError, StorageError
+from errors import ConfigError, SignatureError, SignatureMismatch, StorageError
 from events import UnparseableDelivery, parse_delivery
 from security import SIGNATURE_HEADER, token_matches, verify_signature
 from storage import Store
@@ -118,7 +118,8 @@ def receive():
             raise SignatureError(f"more than one {SIGNATURE_HEADER} header")
         verify_signature(raw, headers[0] if headers else None, _settings().app_secrets)
     except SignatureError as exc:
-        log.warning("delivery %s rejected (check IG_APP_SECRET): %s", delivery, exc)
+        hint = " (check IG_APP_SECRET)" if isinstance(exc, SignatureMismatch) else ""
+        log.warning("delivery %s rejected%s: %s", delivery, hint, exc)
         metrics.DELIVERIES.labels("rejected").inc()
         _audit_quietly(store, None, "rejected_delivery", str(exc))
         return jsonify(error=str(exc)), 401
@@ -231,7 +232,9 @@ def _check_database():
 
 def _check_token():
     try:
-        flagged = queueing.token_flagged(current_app.extensions["queue"])
+        flagged = queueing.token_flagged(
+            current_app.extensions["queue"], _settings().access_token
+        )
     except RedisError:
         return "unknown (Redis unreachable)"
     if flagged:

@@ -146,7 +146,8 @@ def _reply_or_ignore(ctx, event):
     job = get_current_job()
     if job is not None:
         # The token works: /readyz stops reporting it as invalid.
-        queueing.flag_token(queueing.get_queue(ctx.settings, job.connection), False)
+        queue = queueing.get_queue(ctx.settings, job.connection)
+        queueing.flag_token(queue, ctx.settings.access_token, False)
     return None
 
 
@@ -306,7 +307,8 @@ def record_failure(job, connection, exc_type, exc, traceback):
     job.description = f"{event['kind']} event {key}: {reason}"
     connection.hset(job.key, "description", job.description)
     if reason == "token_invalid":
-        queueing.flag_token(queueing.get_queue(ctx.settings, connection), True)
+        queue = queueing.get_queue(ctx.settings, connection)
+        queueing.flag_token(queue, ctx.settings.access_token, True)
         log.error(
             "event %s: dead-lettered: the Graph API says IG_ACCESS_TOKEN is invalid or "
             "expired; set a new IG_ACCESS_TOKEN, restart the worker, then replay the "

@@ -213,7 +213,17 @@ def test_bad_log_format_is_named_at_start_up():
 
 
 def test_token_flag_round_trip(queue):
-    queueing.flag_token(queue, True)
-    assert queueing.token_flagged(queue)
-    queueing.flag_token(queue, False)
-    assert not queueing.token_flagged(queue)
+    queueing.flag_token(queue, "old-token", True)
+    assert queueing.token_flagged(queue, "old-token")
+    queueing.flag_token(queue, "old-token", False)
+    assert not queueing.token_flagged(queue, "old-token")
+
+
+def test_a_new_token_is_not_reported_invalid(env, client, queue, monkeypatch):
+    queueing.flag_token(queue, payloads.ACCESS_TOKEN, True)
+    assert client.get("/readyz").status_code == 503
+
+    monkeypatch.setenv("IG_ACCESS_TOKEN", "IGAAaFreshTokenAfterTheFix")
+    response = create_app().test_client().get("/readyz")
+
+    assert response.status_code == 200
