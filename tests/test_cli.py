@@ -528,6 +528,20 @@ def test_send_test_event_uses_the_given_sender(cli, receiver):
     assert event.data()["event"]["value"]["from"]["id"] == "4242"
 
 
+@pytest.mark.parametrize(
+    "kind, path", [("message", ("message",)), ("comment", ("value",))]
+)
+def test_send_test_event_carries_the_given_text(cli, receiver, kind, path):
+    cli("send-test-event", kind, "--url", receiver.url, "--text", "link please")
+
+    [(_, raw)] = receiver.received
+    [event] = parse_delivery(raw, payloads.ACCOUNT_ID)
+    inner = event.data()["event"]
+    for step in path:
+        inner = inner[step]
+    assert inner["text"] == "link please"
+
+
 def test_send_test_event_fails_on_an_answer_that_is_not_2xx(cli, receiver):
     receiver.answer = (401, b'{"error":"signature does not match the body"}')
 
