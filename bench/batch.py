@@ -2,7 +2,7 @@
 
 Run from the project folder:
 
-    .venv/bin/python bench/batch.py                  # about 30 seconds
+    .venv/bin/python bench/batch.py                  # about 15 seconds
     .venv/bin/python bench/batch.py --repeat 20 --events 1000
 
 Posts --repeat deliveries, one after another, each a single entry holding
@@ -39,8 +39,7 @@ SETUPS = {
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Time the answer to one delivery of many events.",
-        epilog="Run from the project folder with .venv/bin/python.",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--events", type=int, default=1000, help="events per delivery (1000)"
@@ -62,6 +61,7 @@ def parse_args(argv):
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary folder and its logs"
     )
+    common.add_settings_option(parser)
     return parser.parse_args(argv)
 
 
@@ -128,7 +128,9 @@ def main(argv=None):
 def measure(args, setup, folder, graph):
     """Post the deliveries to one setup; return (seconds each, problems, kB)."""
     times, problems, size = [], [], 0
-    with common.Deployment(f"{folder}/{setup}", graph.url) as deployment:
+    with common.Deployment(
+        f"{folder}/{setup}", graph.url, **settings_of(args)
+    ) as deployment:
         if setup == "web":
             deployment.start_redis()
         deployment.launch(setup)
@@ -151,6 +153,10 @@ def measure(args, setup, folder, graph):
                 )
             time.sleep(args.pause)
     return times, problems, size
+
+
+def settings_of(args):
+    return common.settings_from(args.settings)
 
 
 if __name__ == "__main__":

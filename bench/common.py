@@ -62,6 +62,30 @@ def free_port():
         return s.getsockname()[1]
 
 
+def add_settings_option(parser):
+    """Add --set NAME=VALUE, a service setting for every run (repeatable)."""
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the service for every run, e.g. LOG_LEVEL=WARNING "
+        "(repeatable; defaults otherwise, as in the README)",
+    )
+
+
+def settings_from(pairs):
+    """Return {NAME: VALUE} from --set values; exit with a message on a bad one."""
+    settings = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise SystemExit(f"error: --set: expected NAME=VALUE, got {pair!r}")
+        settings[name.strip()] = value
+    return settings
+
+
 def wait_until(predicate, seconds, interval=0.05):
     """Poll until predicate() is truthy; return its last value."""
     deadline = time.monotonic() + seconds
@@ -70,6 +94,17 @@ def wait_until(predicate, seconds, interval=0.05):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def wait_until_steady(measure, readings=3, interval=0.2, seconds=30):
+    """Poll measure() until it gives the same value ``readings`` times running."""
+    values = []
+
+    def steady():
+        values.append(measure())
+        return len(values) >= readings and len(set(values[-readings:])) == 1
+
+    return wait_until(steady, seconds, interval)
 
 
 def port_answers(port):
@@ -282,16 +317,7 @@ def check_stored_once(deployment, answered, unanswered=()):
     which may or may not have been stored.
     """
     # Requests still in the server's hands when the load stopped land now.
-    counts = []
-    wait_until(
-        lambda: (
-            counts.append(len(deployment.event_keys()))
-            or counts[-3:] == [counts[-1]] * 3
-            and len(counts) >= 3
-        ),
-        30,
-        interval=0.2,
-    )
+    wait_until_steady(lambda: len(deployment.event_keys()))
     answered_keys = {message_key(mid) for mid in answered}
     other_keys = {message_key(mid) for mid in unanswered} - answered_keys
     stored = deployment.event_keys()

@@ -1,7 +1,8 @@
 -- wrk script of bench/ingest.py: unique, signed Instagram deliveries, one
 -- direct message each. Settings come from the environment: BENCH_SECRET (the
--- app secret), BENCH_ACCOUNT, BENCH_TAG (part of every mid), BENCH_PATH, and
--- BENCH_OUT, the file done() writes its figures to. Run with as many threads
+-- app secret), BENCH_ACCOUNT, BENCH_TAG (part of every mid),
+-- BENCH_SENDER_PREFIX (of every sender id), BENCH_PATH, and BENCH_OUT, the
+-- file done() writes its figures to. Run with as many threads
 -- as connections (-tN -cN), so each thread's answers come in the order of its
 -- requests. Mids and senders match bench/loadgen.py's mid_of and sender_of.
 
@@ -109,6 +110,7 @@ end
 local secret = os.getenv("BENCH_SECRET")
 local account = os.getenv("BENCH_ACCOUNT")
 local tag = os.getenv("BENCH_TAG")
+local sender_prefix = os.getenv("BENCH_SENDER_PREFIX")
 local path = os.getenv("BENCH_PATH")
 local body_format = '{"object":"instagram","entry":[{"id":"%s","time":%d,'
   .. '"messaging":[{"sender":{"id":"%s"},"recipient":{"id":"%s"},'
@@ -132,7 +134,7 @@ function request()
   sent = sent + 1
   local ms = os.time() * 1000
   local body = string.format(body_format, account, ms,
-    string.format("95%03d%09d", connection, sent), account, ms,
+    string.format("%s%03d%09d", sender_prefix, connection, sent), account, ms,
     string.format("bench-%s-%d-%d", tag, connection, sent))
   local headers = {
     ["Content-Type"] = "application/json",

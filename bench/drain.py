@@ -2,7 +2,7 @@
 
 Run from the project folder:
 
-    .venv/bin/python bench/drain.py                       # about 2.5 minutes
+    .venv/bin/python bench/drain.py                       # about 1.5 minutes
     .venv/bin/python bench/drain.py --latencies 100 --timeout 300
 
 For each --latencies value (milliseconds the stand-in Graph API waits
@@ -45,8 +45,7 @@ SEND_RATE_LIMIT = 100
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Measure how fast the worker drains a queue of direct messages.",
-        epilog="Run from the project folder with .venv/bin/python.",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--latencies",
@@ -71,6 +70,7 @@ def parse_args(argv):
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary folder and its logs"
     )
+    common.add_settings_option(parser)
     return parser.parse_args(argv)
 
 
@@ -111,7 +111,7 @@ def drain(args, latency, folder):
     """Fill the queue, start the worker, wait; return the figures of one drain."""
     with (
         common.GraphStandIn(latency / 1000) as graph,
-        common.Deployment(folder, graph.url) as deployment,
+        common.Deployment(folder, graph.url, **settings_of(args)) as deployment,
     ):
         deployment.start_redis()
         deployment.launch("web")
@@ -223,21 +223,34 @@ def report(args, outcomes):
         text = ", ".join(f"{k} {v}" for k, v in sorted(o["statuses"].items()))
         print(f"{o['latency']} ms: event statuses at the end: {text}")
     print()
-    print("issue 7 targets (replies/s over the whole drain):")
+    print(
+        "issue 7 targets, over the whole drain (at 0 ms: events finished per "
+        "second; at 100 ms: replies per second):"
+    )
     for o in outcomes:
-        whole_rate = o["sends"] / o["drain_s"]
+        rate = (o["final"] if o["latency"] == 0 else o["sends"]) / o["drain_s"]
         target = TARGETS.get(o["latency"])
         verdict = (
-            f"at least {target}/s: {'met' if whole_rate >= target else 'NOT met'}"
+            f"at least {target}/s: {'met' if rate >= target else 'NOT met'}"
             if target
             else "no target"
         )
         cap = o["max_per_second"] <= SEND_RATE_LIMIT
         print(
-            f"  {o['latency']} ms: {whole_rate:.1f}/s ({verdict}); most sends in "
+            f"  {o['latency']} ms: {rate:.1f}/s ({verdict}); most sends in "
             f"1 s {o['max_per_second']} (never above {SEND_RATE_LIMIT}: "
             f"{'met' if cap else 'NOT met'}); replied twice: {o['twice']}"
         )
+    print(
+        f"note: every message here needs a reply, so with sends capped at "
+        f"{SEND_RATE_LIMIT}/s the 0 ms drain could not pass {SEND_RATE_LIMIT} "
+        "events/s; the issue's 300/s at 0 ms needs a higher cap (--set "
+        "SEND_RATE_PER_SECOND=...) or events that need no reply."
+    )
+
+
+def settings_of(args):
+    return common.settings_from(args.settings)
 
 
 if __name__ == "__main__":

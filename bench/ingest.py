@@ -2,7 +2,7 @@
 
 Run from the project folder:
 
-    .venv/bin/python bench/ingest.py                 # about 1.5 minutes
+    .venv/bin/python bench/ingest.py                 # about 1 minute
     .venv/bin/python bench/ingest.py --duration 30   # longer runs
 
 Four runs, one after another, each loaded for --duration seconds (after
@@ -48,9 +48,7 @@ CORES = os.cpu_count() or 1
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Measure deliveries per second of the service and of a bare "
-        "Flask route on the same gunicorn settings.",
-        epilog="Run from the project folder with .venv/bin/python.",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--duration", type=float, default=10.0, help="seconds measured per run (10)"
@@ -82,6 +80,7 @@ def parse_args(argv):
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary folder and its logs"
     )
+    common.add_settings_option(parser)
     return parser.parse_args(argv)
 
 
@@ -164,7 +163,9 @@ def run_generator(args, generator, folder, graph):
 
 
 def run_ceiling(args, generator, folder, graph):
-    with common.Deployment(f"{folder}/ceiling", graph.url) as deployment:
+    with common.Deployment(
+        f"{folder}/ceiling", graph.url, **settings_of(args)
+    ) as deployment:
         deployment.start_ceiling()
         pids = deployment.settled_pids()
         result, samples = _load(
@@ -174,7 +175,9 @@ def run_ceiling(args, generator, folder, graph):
 
 
 def run_web_only(args, generator, folder, graph):
-    with common.Deployment(f"{folder}/web", graph.url) as deployment:
+    with common.Deployment(
+        f"{folder}/web", graph.url, **settings_of(args)
+    ) as deployment:
         deployment.start_redis()
         deployment.launch("web")
         pids = deployment.settled_pids()
@@ -193,7 +196,9 @@ def run_web_only(args, generator, folder, graph):
 
 
 def run_all(args, generator, folder, graph):
-    with common.Deployment(f"{folder}/all", graph.url) as deployment:
+    with common.Deployment(
+        f"{folder}/all", graph.url, **settings_of(args)
+    ) as deployment:
         deployment.launch("all")
         pids = deployment.settled_pids()
         result, samples = _load(
@@ -374,6 +379,10 @@ def _verdicts(results, ceiling, checked):
 
 def _yes(ok):
     return "met" if ok else "NOT met"
+
+
+def settings_of(args):
+    return common.settings_from(args.settings)
 
 
 if __name__ == "__main__":

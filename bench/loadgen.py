@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +49,14 @@ def mid_of(tag, connection, n):
     return f"bench-{tag}-{connection}-{n}"
 
 
-def sender_of(connection, n):
-    return f"95{connection:03d}{n:09d}"
+def sender_prefix(tag):
+    """Return the first digits of this run's sender ids (wrk's script gets them)."""
+    return f"9{zlib.crc32(tag.encode()) % 1000:03d}"
+
+
+def sender_of(tag, connection, n):
+    """Return a sender id of its own for every delivery, so each gets a reply."""
+    return f"{sender_prefix(tag)}{connection:03d}{n:09d}"
 
 
 @dataclass
@@ -174,7 +181,7 @@ def _connection_loop(spec, connection, out):
             % {
                 "account": spec.account,
                 "ms": ms,
-                "sender": sender_of(connection, n),
+                "sender": sender_of(spec.tag, connection, n),
                 "mid": mid_of(spec.tag, connection, n),
             }
         ).encode()
@@ -373,6 +380,7 @@ def _wrk_once(port, path, secret, account, tag, duration, connections, timeout, 
             "BENCH_SECRET": secret,
             "BENCH_ACCOUNT": account,
             "BENCH_TAG": tag,
+            "BENCH_SENDER_PREFIX": sender_prefix(tag),
             "BENCH_PATH": path,
             "BENCH_OUT": out_path,
         }

@@ -2,7 +2,7 @@
 
 Run from the project folder:
 
-    .venv/bin/python bench/memory.py                 # about 30 seconds
+    .venv/bin/python bench/memory.py                 # about 20 seconds
     .venv/bin/python bench/memory.py --messages 5000
 
 Starts ``python launcher.py`` as ./run.sh does (gunicorn master and workers,
@@ -30,8 +30,7 @@ TARGET_MB = 500
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Read the memory of every process of the default deployment.",
-        epilog="Run from the project folder with .venv/bin/python.",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--idle", type=float, default=3.0, help="seconds idle before reading (3)"
@@ -45,6 +44,7 @@ def parse_args(argv):
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary folder and its logs"
     )
+    common.add_settings_option(parser)
     return parser.parse_args(argv)
 
 
@@ -55,7 +55,7 @@ def main(argv=None):
     try:
         with (
             common.GraphStandIn() as graph,
-            common.Deployment(folder, graph.url) as deployment,
+            common.Deployment(folder, graph.url, **settings_of(args)) as deployment,
         ):
             deployment.launch("all")
             time.sleep(args.idle)
@@ -117,6 +117,10 @@ def main(argv=None):
 def _final(deployment):
     statuses = deployment.statuses()
     return sum(statuses.get(s, 0) for s in common.FINAL)
+
+
+def settings_of(args):
+    return common.settings_from(args.settings)
 
 
 if __name__ == "__main__":
