@@ -103,24 +103,39 @@ def requeue(store, queue, settings, event, action, detail):
 
 
 def requeue_stalled(store, queue, settings):
-    """Re-enqueue queued events whose job is gone or over without telling us."""
+    """Re-enqueue queued events whose job is gone or over without telling us.
+
+    A stalled event whose job failed unrecorded is dead-lettered instead:
+    this catches failures older than the newest ones sync_failed_jobs reads.
+    """
     count = 0
     for event in store.stalled_events(settings.queued_stale_seconds, BATCH):
         status = _job_status(queue, event["job_id"])
-        if status in LIVE_STATUSES or status == JobStatus.FAILED:
-            continue  # still on its way, or the failed-job pass owns it
-        detail = f"job {event['job_id']} was {status or 'gone'}"
-        job_id = requeue(store, queue, settings, event, "requeued", detail)
-        log.warning("event %s: %s; requeued as %s", event["event_key"], detail, job_id)
+        if status in LIVE_STATUSES:
+            continue  # still on its way
+        if status == JobStatus.FAILED:
+            job = Job.fetch(event["job_id"], connection=queue.connection)
+            bury_failed_job(store, job, event)
+        else:
+            detail = f"job {event['job_id']} was {status or 'gone'}"
+            job_id = requeue(store, queue, settings, event, "requeued", detail)
+            log.warning(
+                "event %s: %s; requeued as %s", event["event_key"], detail, job_id
+            )
         count += 1
     return count
 
 
 def sync_failed_jobs(store, queue, settings):
-    """Make every job in RQ's failed registry appear in dead_letter exactly once."""
+    """Make every job in RQ's failed registry appear in dead_letter exactly once.
+
+    Reads the newest BATCH failures each pass: the registry keeps failures
+    for a year, and older unrecorded ones are caught by requeue_stalled.
+    """
     registry = FailedJobRegistry(queue=queue)
     count = 0
-    for job_id in registry.get_job_ids():
+    newest = queue.connection.zrevrange(registry.key, 0, BATCH - 1)
+    for job_id in (raw.decode() for raw in newest):
         try:
             job = Job.fetch(job_id, connection=queue.connection)
         except NoSuchJobError:
@@ -135,20 +150,23 @@ def sync_failed_jobs(store, queue, settings):
             store.audit(key, "failed_job_cleared", f"job {job.id} was superseded")
             count += 1
         elif event["status"] != "dead":
-            reason = job.meta.get("reason") or _reason_from(job)
-            if event["send_started_at"]:
-                store.mark_send_uncertain(key)
-            store.dead_letter(
-                key, reason, "the job failed without recording why", event["attempts"]
-            )
-            log.warning(
-                "event %s: job %s failed unrecorded; dead-lettered (%s)",
-                key,
-                job.id,
-                reason,
-            )
+            bury_failed_job(store, job, event)
             count += 1
     return count
+
+
+def bury_failed_job(store, job, event):
+    """Copy a failure RQ recorded but we did not into dead_letter."""
+    key = event["event_key"]
+    reason = job.meta.get("reason") or _reason_from(job)
+    if event["send_started_at"]:
+        store.mark_send_uncertain(key)
+    store.dead_letter(
+        key, reason, "the job failed without recording why", event["attempts"]
+    )
+    log.warning(
+        "event %s: job %s failed unrecorded; dead-lettered (%s)", key, job.id, reason
+    )
 
 
 def _reason_from(job):

@@ -3,7 +3,7 @@
 import payloads
 import pytest
 from conftest import rows
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 
 import reconciler
@@ -173,3 +173,22 @@ def test_failed_job_superseded_by_a_later_one_leaves_the_registry(
 
     assert FailedJobRegistry(queue=queue).get_job_ids() == []
     assert rows(store, "dead_letter") == []
+
+
+def test_stalled_event_whose_old_job_failed_unrecorded_is_dead_lettered(
+    post, store, queue, settings
+):
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    [event] = rows(store, "webhook_events")
+    job = Job.fetch(event["job_id"], connection=queue.connection)
+    queue.remove(job)
+    job.set_status(JobStatus.FAILED)
+    FailedJobRegistry(queue=queue).add(job, ttl=60, exc_string="JobTimeoutException")
+    age(store, event["event_key"], settings.queued_stale_seconds + 1)
+
+    # Only the stalled-event pass: the failure is too old for the newest-first read.
+    assert reconciler.requeue_stalled(store, queue, settings) == 1
+
+    [dead] = rows(store, "dead_letter")
+    assert dead["reason"] in ("timeout", "internal_error")
+    assert queue.count == 0  # dead-lettered, not queued again
