@@ -3,6 +3,7 @@
 import hashlib
 import logging
 import secrets
+import time
 
 from redis import Redis
 from rq import Callback, Queue
@@ -30,6 +31,27 @@ def flag_token(queue, token, invalid):
 def token_flagged(queue, token):
     """Tell whether the Graph API last said this token is invalid."""
     return bool(queue.connection.exists(_token_key(queue, token)))
+
+
+def wait_for_send_slot(connection, settings, clock=time.time, sleep=time.sleep):
+    """Block until a send fits in this second's SEND_RATE_PER_SECOND budget.
+
+    Every worker process and thread counts in one Redis key per second, so
+    the whole service never sends more than the limit in any clock second.
+    """
+    limit = settings.send_rate_per_second
+    if not limit:
+        return
+    while True:
+        now = clock()
+        key = f"{settings.queue_name}:sends:{int(now)}"
+        with connection.pipeline() as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 5)
+            count, _ = pipe.execute()
+        if count <= limit:
+            return
+        sleep(int(now) + 1 - now)
 
 
 def job_timeout(settings):

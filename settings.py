@@ -40,6 +40,8 @@ class Settings:
     #: JSON file of keyword rules, and the rules read from it at start-up.
     reply_rules_file: str = ""
     reply_rules: tuple = ()
+    #: At most this many Send API calls per second, whole service; 0: no limit.
+    send_rate_per_second: int = 100
     #: Retry a send whose outcome is unknown (it may have gone out).
     retry_uncertain_sends: bool = True
     #: A queued event untouched this long past its due time is queued again.
@@ -154,6 +156,9 @@ def from_env(env=None):
         ),
         reply_rules_file=rules_file,
         reply_rules=rules.load_rules(rules_file) if rules_file else (),
+        send_rate_per_second=_number(
+            env, "SEND_RATE_PER_SECOND", Settings.send_rate_per_second
+        ),
         retry_uncertain_sends=_flag(
             env, "RETRY_UNCERTAIN_SENDS", Settings.retry_uncertain_sends
         ),

@@ -60,6 +60,7 @@ class Context:
     settings: settings_module.Settings
     store: Store
     client: InstagramClient
+    redis: object
     pid: int
 
 
@@ -73,7 +74,13 @@ def context():
         settings = settings_module.load()
         settings.require_worker_settings()
         store = Store(settings.database_path, storage.WORKER_BUSY_TIMEOUT_SECONDS)
-        _context = Context(settings, store, InstagramClient(settings), os.getpid())
+        _context = Context(
+            settings,
+            store,
+            InstagramClient(settings),
+            queueing.connect(settings),
+            os.getpid(),
+        )
     return _context
 
 
@@ -122,6 +129,17 @@ def _reply_or_ignore(ctx, event):
         )
         return None
 
+    try:
+        queueing.wait_for_send_slot(ctx.redis, ctx.settings)
+    except RedisError as exc:
+        return _retry(
+            ctx,
+            key,
+            event["attempts"],
+            GraphAPIError(
+                f"send rate limit unavailable: {type(exc).__name__}", transient=True
+            ),
+        )
     ctx.store.mark_send_started(key)
     try:
         if decision.comment_id:
@@ -380,7 +398,7 @@ class EventWorker(SimpleWorker):
     """
 
     def subscribe(self):
-        """Listen for RQ's worker commands, checking every second.
+        """Listen for RQ's worker commands, checking five times a second.
 
         RQ's own listener may sleep up to 60 s before it notices it is
         subscribed, and a stopping worker waits for it: every stop, burst
@@ -389,7 +407,9 @@ class EventWorker(SimpleWorker):
         self.pubsub = self.connection.pubsub()
         self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
         self.pubsub_thread = self.pubsub.run_in_thread(
-            sleep_time=1, daemon=True, exception_handler=self._pubsub_exception_handler
+            sleep_time=0.2,
+            daemon=True,
+            exception_handler=self._pubsub_exception_handler,
         )
 
     def request_stop(self, signum, frame):
