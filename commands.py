@@ -36,6 +36,8 @@ dead_letter = AppGroup(
 )
 
 STATUSES = ("open", "replayed", "resolved", "discarded", "all")
+#: A dead letter's id: a positive integer SQLite can hold.
+ID = click.IntRange(1, 2**63 - 1)
 _AGE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_AGE_SECONDS = 100 * 365 * 86400
@@ -148,7 +150,7 @@ def list_command(reason, status, older_than, newer_than):
 
 
 @dead_letter.command("show")
-@click.argument("dead_id", type=int)
+@click.argument("dead_id", type=ID)
 @click.option(
     "--payload",
     is_flag=True,
@@ -202,7 +204,7 @@ def show_command(dead_id, payload):
 
 
 @dead_letter.command("replay")
-@click.argument("ids", nargs=-1, type=int)
+@click.argument("ids", nargs=-1, type=ID)
 @click.option("--reason", help="Replay every open dead letter with this reason.")
 @click.option(
     "--all", "replay_all", is_flag=True, help="Replay every open dead letter."
@@ -227,6 +229,8 @@ def replay_command(ids, reason, replay_all):
                 f"cannot reach Redis at REDIS_URL ({type(exc).__name__}); "
                 f"{replayed} replayed before it failed"
             )
+        except sqlite3.Error as exc:
+            _fail(f"cannot write to the database ({exc}); {replayed} replayed before")
         click.echo(f"{row['id']}: replayed as job {job_id}")
         replayed += 1
     click.echo(f"{replayed} replayed, {refused} refused")
@@ -235,14 +239,18 @@ def replay_command(ids, reason, replay_all):
 
 
 @dead_letter.command("discard")
-@click.argument("ids", nargs=-1, type=int, required=True)
+@click.argument("ids", nargs=-1, type=ID, required=True)
 def discard_command(ids):
     """Mark dead letters discarded; they stay in the table for the audit."""
     store = _store()
     queue = queueing.get_queue(_settings())
     discarded = 0
     for row in _select(ids, None, False):
-        if not store.discard(row["event_key"]):
+        try:
+            changed = store.discard(row["event_key"])
+        except sqlite3.Error as exc:
+            _fail(f"cannot write to the database ({exc}); {discarded} discarded before")
+        if not changed:
             click.echo(f"{row['id']}: not discarded: it is {row['status']}, not open")
             continue
         _drop_failed_job(queue, row["job_id"])
@@ -432,8 +440,10 @@ def _masked(secret):
 
 def _without_password(url):
     parts = urlsplit(url)
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2****", parts.query)
+    parts = parts._replace(query=query)
     if parts.password is None:
-        return url
+        return urlunsplit(parts)
     netloc = f"{parts.username or ''}:****@{parts.hostname or ''}"
     if parts.port:
         netloc += f":{parts.port}"
@@ -507,7 +517,7 @@ EVENT_STATUSES = ("received", "queued", "done", "ignored", "dead", "all")
 @age_options
 @click.option(
     "--limit",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, 100_000),
     default=50,
     show_default=True,
     help="Show at most this many.",

@@ -151,8 +151,13 @@ def event_key(channel, item, entry_id=""):
             and not message.get("is_deleted")
         ):
             identity = ["mid", message["mid"]]
-        elif channel == "changes" and isinstance(value, dict) and value.get("id"):
-            identity = ["change", item.get("field"), _as_id(value["id"])]
+        elif (
+            channel == "changes" and isinstance(value, dict) and _as_id(value.get("id"))
+        ):
+            # comments and live_comments name the same comment: one key for both.
+            field = item.get("field")
+            kind = _CHANGE_KINDS.get(field, field) if isinstance(field, str) else field
+            identity = ["change", kind, _as_id(value["id"])]
     if identity is None:
         identity = ["content", channel, entry_id, item]
     canonical = json.dumps(

@@ -17,13 +17,19 @@ def _pick_folder():
         database = os.environ.get("DATABASE_PATH") or "data/webhooks.db"
         folder = os.path.join(os.path.dirname(os.path.abspath(database)), "metrics")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
-    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    try:
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    except OSError:
+        # No shared folder: each process counts alone. The database, in the
+        # same place, fails start-up with a clear line soon after.
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 _pick_folder()
 
 from prometheus_client import (  # noqa: E402
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Histogram,
@@ -93,6 +99,9 @@ class StateCollector:
 def render(store, queue):
     """Return (body, content type) of the /metrics page for every process."""
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
     registry.register(StateCollector(store, queue))
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -31,7 +31,11 @@ class Rule:
 
     def matches(self, text):
         """Tell whether text holds one of the keywords as whole words."""
-        return bool(self.pattern.search(fold(text)))
+        return self.matches_folded(fold(text))
+
+    def matches_folded(self, folded_text):
+        """Like matches(), for a text already passed through fold()."""
+        return bool(self.pattern.search(folded_text))
 
 
 def fold(text):
@@ -43,12 +47,14 @@ def fold(text):
 def load_rules(path):
     """Read and check the rules file; raise ConfigError naming the rule and field."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except OSError as exc:
         raise ConfigError(SETTING, f"cannot read {path}: {exc.strerror}") from None
     except ValueError as exc:
         raise ConfigError(SETTING, f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError(SETTING, f"{path} is nested too deeply to be rules") from None
     if not isinstance(data, list):
         raise ConfigError(SETTING, f"expected a JSON list of rules, got {_name(data)}")
     return tuple(_rule(position, item) for position, item in enumerate(data, start=1))
@@ -72,13 +78,15 @@ def _rule(position, item):
         raise bad("keywords", "must be a non-empty list of words")
     if not all(isinstance(k, str) and k.strip() for k in keywords):
         raise bad("keywords", "must hold only non-empty strings")
+    folded = tuple(fold(k).strip() for k in keywords)
+    if not all(folded):
+        raise bad("keywords", "must hold words, not only accents or marks")
     reply = item.get("reply")
     if not isinstance(reply, str) or not reply.strip():
         raise bad("reply", "must be a non-empty string")
-    if len(reply) > MAX_REPLY_LENGTH:
+    if len(reply.strip()) > MAX_REPLY_LENGTH:
         raise bad("reply", f"is longer than Meta's {MAX_REPLY_LENGTH} characters")
 
-    folded = tuple(fold(k.strip()) for k in keywords)
     alternatives = "|".join(r"\s+".join(map(re.escape, k.split())) for k in folded)
     return Rule(
         position=position,
@@ -91,10 +99,11 @@ def _rule(position, item):
 
 def first_match(rules, on, text):
     """Return the first rule for ``on`` whose keywords appear in text, or None."""
-    if not isinstance(text, str) or not text:
+    if not isinstance(text, str) or not text or not rules:
         return None
+    folded = fold(text)
     for rule in rules:
-        if rule.on == on and rule.matches(text):
+        if rule.on == on and rule.matches_folded(folded):
             return rule
     return None
 

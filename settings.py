@@ -3,6 +3,7 @@
 import math
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import rules
 from errors import ConfigError
@@ -108,6 +109,10 @@ def _url(env, name, default, schemes):
     value = (env.get(name) or "").strip() or default
     if not value.startswith(schemes):
         raise ConfigError(name, f"expected a URL starting with {' or '.join(schemes)}")
+    try:
+        urlsplit(value).port  # noqa: B018 - reading it checks the port's range
+    except ValueError:
+        raise ConfigError(name, "expected a port from 1 to 65535 in the URL") from None
     return value.rstrip("/")
 
 

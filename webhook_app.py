@@ -246,9 +246,8 @@ def _check_token():
 def metrics_page():
     """Serve Prometheus metrics of every process, behind METRICS_TOKEN if set."""
     token = _settings().metrics_token
-    if token and not token_matches(
-        request.headers.get("Authorization", "").removeprefix("Bearer "), token
-    ):
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if token and not (scheme.lower() == "bearer" and token_matches(given, token)):
         return jsonify(error="metrics need Authorization: Bearer METRICS_TOKEN"), 401
     body, content_type = metrics.render(_store(), current_app.extensions["queue"])
     return Response(body, 200, content_type=content_type)

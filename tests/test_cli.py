@@ -783,3 +783,56 @@ def test_every_command_explains_itself(cli, command):
     assert result.output.startswith(f"Usage: webhook_app {' '.join(command)}")
     description = result.output.split("\n\n")[1].strip()
     assert len(description) > 20
+
+
+def test_check_config_masks_a_redis_password_in_the_query(env, monkeypatch):
+    url = env["REDIS_URL"] + "?password=QuerySecret77"
+    monkeypatch.setenv("REDIS_URL", url)
+
+    result = invoke(create_app(), "check-config")
+
+    assert result.exit_code == 0, result.output
+    assert "QuerySecret77" not in result.output
+    assert "password=****" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("dead-letter", "show", "99999999999999999999"),
+        ("dead-letter", "discard", "99999999999999999999"),
+        ("events", "list", "--limit", "99999999999999999999"),
+    ],
+)
+def test_numbers_too_big_for_the_database_are_usage_errors(cli, args):
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output and result.exception.__class__ is SystemExit
+
+
+def test_discard_on_a_locked_database_is_one_error_line(
+    env, app, post, work, requests_mock
+):
+    import sqlite3
+
+    import storage
+
+    requests_mock.post(
+        f"https://graph.test/v24.0/{payloads.ACCOUNT_ID}/messages",
+        status_code=400,
+        json={"error": {"code": 551}},
+    )
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    work()
+    storage.BUSY_TIMEOUT_SECONDS, saved = 0.1, storage.BUSY_TIMEOUT_SECONDS
+    locked_app = create_app()
+    blocker = sqlite3.connect(env["DATABASE_PATH"], isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        result = invoke(locked_app, "dead-letter", "discard", "1")
+    finally:
+        blocker.execute("ROLLBACK")
+        storage.BUSY_TIMEOUT_SECONDS = saved
+
+    line = one_error_line(result)
+    assert "cannot write to the database" in line

@@ -469,3 +469,17 @@ def test_a_raw_utf8_non_bmp_text_is_stored_as_ascii_only_json():
 
     event.payload.encode("ascii")
     assert event.data()["event"] == message
+
+
+def test_a_comment_under_comments_and_live_comments_has_one_key():
+    value = {"id": "17900000000000123", "text": "hello"}
+    comments = events.event_key("changes", {"field": "comments", "value": value})
+    live = events.event_key("changes", {"field": "live_comments", "value": value})
+    assert comments == live
+
+
+@pytest.mark.parametrize("odd_id", [["1"], {"id": "1"}, 1.5, None, ""])
+def test_comments_with_odd_ids_are_told_apart_by_content(odd_id):
+    first = {"field": "comments", "value": {"id": odd_id, "text": "first"}}
+    second = {"field": "comments", "value": {"id": odd_id, "text": "second"}}
+    assert events.event_key("changes", first) != events.event_key("changes", second)

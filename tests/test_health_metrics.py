@@ -227,3 +227,19 @@ def test_a_new_token_is_not_reported_invalid(env, client, queue, monkeypatch):
     response = create_app().test_client().get("/readyz")
 
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "header", ["scrape-me-42", "Basic scrape-me-42", "Bearer  scrape-me-42x", ""]
+)
+def test_metrics_token_must_come_as_a_bearer_token(env, monkeypatch, header):
+    monkeypatch.setenv("METRICS_TOKEN", "scrape-me-42")
+    client = create_app().test_client()
+    assert client.get("/metrics", headers={"Authorization": header}).status_code == 401
+
+
+def test_bearer_scheme_is_read_in_any_case(env, monkeypatch):
+    monkeypatch.setenv("METRICS_TOKEN", "scrape-me-42")
+    client = create_app().test_client()
+    ok = client.get("/metrics", headers={"Authorization": "bearer scrape-me-42"})
+    assert ok.status_code == 200

@@ -108,3 +108,26 @@ def test_settings_carry_the_rules_read_at_start_up(tmp_path):
         "REPLY_RULES_FILE": write(tmp_path, [rule(), rule(on="comment")]),
     }
     assert [r.on for r in settings.from_env(env).reply_rules] == ["message", "comment"]
+
+
+@pytest.mark.parametrize("keyword", ["\u00b4", "\u0301", " \u00a8 "])
+def test_a_keyword_of_only_accents_is_refused(tmp_path, keyword):
+    # Folded, it would be empty and match nearly every text.
+    with pytest.raises(ConfigError, match="rule 1: field 'keywords' must hold words"):
+        rules.load_rules(write(tmp_path, [rule(keywords=["hours", keyword])]))
+
+
+def test_a_deeply_nested_rules_file_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        rules.load_rules(write(tmp_path, "[" * 100_000 + "]" * 100_000))
+
+
+def test_a_rules_file_saved_with_a_bom_is_read(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([rule()]).encode())
+    assert len(rules.load_rules(str(path))) == 1
+
+
+def test_reply_length_is_counted_without_surrounding_spaces(tmp_path):
+    [only] = rules.load_rules(write(tmp_path, [rule(reply="  " + "x" * 1000 + " ")]))
+    assert len(only.reply) == 1000

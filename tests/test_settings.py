@@ -203,3 +203,8 @@ def test_web_port_and_log_level_are_checked_at_start_up(name, value, expected):
 def test_log_level_is_read_in_any_case():
     assert settings.from_env(env(LOG_LEVEL="debug")).log_level == "DEBUG"
     assert settings.from_env(env()).log_level == "INFO"
+
+
+def test_a_redis_url_with_an_impossible_port_is_named():
+    with pytest.raises(ConfigError, match="^REDIS_URL expected a port from 1 to 65535"):
+        settings.from_env(env(REDIS_URL="redis://127.0.0.1:99999/0"))
