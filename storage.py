@@ -159,36 +159,55 @@ class Store:
 
     # -- events ------------------------------------------------------------
 
-    def store_events(self, events):
+    def store_events(self, events, job_ids=None):
         """Insert events; return those that were new, in order.
 
         One INSERT per event tells, through its row count, whether the row is
-        new, so a redelivered event is never stored or enqueued twice.
+        new, so a redelivered event is never stored or enqueued twice. With
+        ``job_ids`` (event key -> the job about to carry it) new events are
+        stored 'queued' in the same transaction, else 'received'.
         """
         received_at = now_iso()
         new = []
         with self.transaction() as db:
             for event in events:
+                job_id = (job_ids or {}).get(event.key)
                 cursor = db.execute(
                     "INSERT INTO webhook_events (event_key, kind, status, account_id,"
-                    " occurred_at, received_at, updated_at, payload)"
-                    " VALUES (?, ?, 'received', ?, ?, ?, ?, ?)"
+                    " occurred_at, received_at, updated_at, payload, job_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (event_key) DO NOTHING",
                     (
                         event.key,
                         event.kind,
+                        "queued" if job_id else "received",
                         event.account_id,
                         iso(event.occurred_at),
                         received_at,
                         received_at,
                         event.payload,
+                        job_id,
                     ),
                 )
-                is_new = cursor.rowcount == 1
-                if is_new:
-                    new.append(event)
-                self.audit(event.key, "received" if is_new else "duplicate", event.kind)
+                if cursor.rowcount != 1:
+                    self.audit(event.key, "duplicate", event.kind)
+                    continue
+                new.append(event)
+                self.audit(event.key, "received", event.kind)
+                if job_id:
+                    self.audit(event.key, "queued")
         return new
+
+    def unqueue(self, keys):
+        """Set events back to 'received' when their jobs never reached Redis."""
+        with self.transaction() as db:
+            for key in keys:
+                db.execute(
+                    "UPDATE webhook_events SET status = 'received', job_id = NULL"
+                    " WHERE event_key = ? AND status = 'queued'",
+                    (key,),
+                )
+                self.audit(key, "not_queued", "Redis unreachable; the relay queues it")
 
     def mark_queued(self, job_ids, detail=""):
         """Move events still 'received' to 'queued'; job_ids maps key -> job id."""

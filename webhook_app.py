@@ -129,8 +129,10 @@ def receive():
     except UnparseableDelivery as exc:
         return _keep_unparseable(store, raw, delivery, str(exc))
 
+    # Job ids are chosen first, so one transaction stores the events 'queued'.
+    job_ids = {e.key: queueing.new_job_id(e.key) for e in events}
     try:
-        new = store.store_events(events)
+        new = store.store_events(events, job_ids)
     except (sqlite3.Error, StorageError) as exc:
         log.error("delivery %s not stored, answering 503: %s", delivery, exc)
         metrics.DELIVERIES.labels("storage_unavailable").inc()
@@ -139,7 +141,7 @@ def receive():
     metrics.DELIVERIES.labels("accepted").inc()
     for event in new:
         metrics.EVENTS_RECEIVED.labels(event.kind).inc()
-    queued = _enqueue(store, new, delivery)
+    queued = _enqueue(store, new, job_ids, delivery)
     log.info(
         "delivery %s: %d events, %d new, %d duplicate, %d queued",
         delivery,
@@ -153,28 +155,30 @@ def receive():
     return jsonify(received=len(events), new=len(new)), 200
 
 
-def _enqueue(store, new, delivery):
-    """Queue the new events; if Redis is away they stay 'received' for the relay."""
+def _enqueue(store, new, job_ids, delivery):
+    """Put the new events' jobs on the queue; if Redis is away, the relay will."""
     if not new:
         return 0
     try:
-        job_ids = queueing.enqueue_events(
-            current_app.extensions["queue"], [(e.key, e.kind) for e in new], _settings()
+        queueing.enqueue_events(
+            current_app.extensions["queue"],
+            [(e.key, e.kind) for e in new],
+            _settings(),
+            {e.key: job_ids[e.key] for e in new},
         )
     except RedisError as exc:
         log.warning(
             "delivery %s: %d events stored but not queued (Redis: %s); "
-            "they stay 'received' until the worker's relay queues them",
+            "the worker's relay queues them once Redis is back",
             delivery,
             len(new),
             type(exc).__name__,
         )
+        try:
+            store.unqueue([e.key for e in new])
+        except sqlite3.Error:
+            pass  # still 'queued' without a job: the stalled-event pass finds them
         return 0
-    try:
-        store.mark_queued(job_ids)
-    except sqlite3.Error as exc:
-        # The jobs exist; the worker moves the events on regardless.
-        log.warning("delivery %s: could not mark events queued: %s", delivery, exc)
     return len(new)
 
 
