@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import sqlite3
+import time
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from redis.exceptions import RedisError
@@ -60,6 +61,7 @@ def _build(config):
     app.extensions["settings"] = settings
     app.extensions["store"] = Store(settings.database_path)
     app.extensions["queue"] = queueing.get_queue(settings)
+    app.extensions["rejections"] = RejectionAudit()
     app.extensions["store"].init_schema()
 
     app.register_blueprint(bp)
@@ -121,7 +123,7 @@ def receive():
         hint = " (check IG_APP_SECRET)" if isinstance(exc, SignatureMismatch) else ""
         log.warning("delivery %s rejected%s: %s", delivery, hint, exc)
         metrics.DELIVERIES.labels("rejected").inc()
-        _audit_quietly(store, None, "rejected_delivery", str(exc))
+        current_app.extensions["rejections"].record(store, str(exc))
         return jsonify(error=str(exc)), 401
 
     try:
@@ -257,11 +259,33 @@ def metrics_page():
     return Response(body, 200, content_type=content_type)
 
 
-def _audit_quietly(store, key, action, detail):
-    try:
-        store.audit(key, action, detail)
-    except (sqlite3.Error, StorageError):
-        log.warning("could not write audit row %s", action)
+class RejectionAudit:
+    """Write rejected deliveries to audit_log, at most one row a second.
+
+    Anyone can post to the webhook URL: one row per forged request would let
+    a flood grow the database without bound. Rejections in between are
+    counted into the next row.
+    """
+
+    def __init__(self, interval=1.0, clock=time.monotonic):
+        self.interval, self.clock = interval, clock
+        self.last_written = None
+        self.unwritten = 0
+
+    def record(self, store, reason):
+        now = self.clock()
+        if self.last_written is not None and now - self.last_written < self.interval:
+            self.unwritten += 1
+            return
+        detail = reason
+        if self.unwritten:
+            detail += f" (and {self.unwritten} more rejected since the last row)"
+        try:
+            store.audit(None, "rejected_delivery", detail)
+        except (sqlite3.Error, StorageError):
+            log.warning("could not write the audit row of a rejected delivery")
+            return
+        self.last_written, self.unwritten = now, 0
 
 
 def _text(body, status):

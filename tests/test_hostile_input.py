@@ -171,3 +171,30 @@ def test_a_batch_with_odd_events_stores_every_event_once(post, store, queue):
     assert response.status_code == 200
     assert len(rows(store, "webhook_events")) == len(odd) + 3
     assert queue.count == len(odd) + 3
+
+
+def test_a_flood_of_forged_deliveries_writes_one_audit_row_a_second(client, store):
+    for _ in range(50):
+        client.post(
+            URL, data=b"{}", headers={"X-Hub-Signature-256": "sha256=" + "0" * 64}
+        )
+
+    rejected = rows(store, "audit_log", "action = 'rejected_delivery'")
+    assert len(rejected) == 1
+
+
+def test_rejections_in_between_are_counted_into_the_next_row(store):
+    from webhook_app import RejectionAudit
+
+    now = [100.0]
+    audit = RejectionAudit(interval=1.0, clock=lambda: now[0])
+    for _ in range(5):
+        audit.record(store, "signature does not match the body")
+    now[0] += 1.5
+    audit.record(store, "missing X-Hub-Signature-256 header")
+
+    details = [r["detail"] for r in rows(store, "audit_log")]
+    assert details == [
+        "signature does not match the body",
+        "missing X-Hub-Signature-256 header (and 4 more rejected since the last row)",
+    ]
