@@ -89,6 +89,14 @@ def dashboard_settings(env):
     )
 
 
+def redis_argv(server, port, data_dir):
+    """Return the command of the private Redis: loopback only, append-only file."""
+    return [
+        server, "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir,
+        "--appendonly", "yes", "--save", "", "--protected-mode", "yes",
+    ]  # fmt: skip
+
+
 def redis_answers(url):
     """Return True when a Redis server answers PING at url."""
     try:
@@ -160,24 +168,7 @@ class Launcher:
         os.makedirs(data_dir, exist_ok=True)
         port = str(parsed.port or 6379)
         log.info("no Redis at REDIS_URL; starting redis-server on port %s", port)
-        self._spawn(
-            "redis",
-            [
-                server,
-                "--port",
-                port,
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                data_dir,
-                "--appendonly",
-                "yes",
-                "--save",
-                "",
-                "--protected-mode",
-                "yes",
-            ],
-        )
+        self._spawn("redis", redis_argv(server, port, data_dir))
         deadline = time.monotonic() + 15
         while not redis_answers(url):
             if time.monotonic() > deadline or self.procs["redis"].poll() is not None:

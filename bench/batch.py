@@ -19,7 +19,6 @@ events were stored. Two setups, unless --setups picks one:
 Everything listens on 127.0.0.1, on free ports, in a temporary folder.
 """
 
-import argparse
 import json
 import shutil
 import statistics
@@ -38,9 +37,7 @@ SETUPS = {
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument(
         "--events", type=int, default=1000, help="events per delivery (1000)"
     )
@@ -58,10 +55,6 @@ def parse_args(argv):
         default="all,web",
         help="comma-separated setups: all (with the worker), web (without)",
     )
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the temporary folder and its logs"
-    )
-    common.add_settings_option(parser)
     return parser.parse_args(argv)
 
 

@@ -6,6 +6,7 @@ temporary folder. The service is started as the README starts it
 launcher that never starts one (``web``, ``worker``) is used.
 """
 
+import argparse
 import collections
 import http.client
 import json
@@ -28,6 +29,7 @@ sys.path[:0] = [str(PROJECT), str(PROJECT / "tests")]
 import payloads  # noqa: E402
 
 import events  # noqa: E402
+import launcher  # noqa: E402
 
 WEBHOOK_PATH = "/webhooks/instagram"
 FINAL = ("done", "ignored", "dead")
@@ -62,8 +64,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def add_settings_option(parser):
-    """Add --set NAME=VALUE, a service setting for every run (repeatable)."""
+def parser(doc):
+    """Return a script's argument parser, with --keep and --set already in it."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary folder and its logs"
+    )
     parser.add_argument(
         "--set",
         dest="settings",
@@ -73,6 +81,7 @@ def add_settings_option(parser):
         help="a setting of the service for every run, e.g. LOG_LEVEL=WARNING "
         "(repeatable; defaults otherwise, as in the README)",
     )
+    return parser
 
 
 def settings_from(pairs):
@@ -177,24 +186,8 @@ class Deployment:
         """Start redis-server as launcher.py would: append-only, next to the data."""
         data_dir = os.path.dirname(self.db_path)
         os.makedirs(data_dir, exist_ok=True)
-        self._spawn(
-            "redis",
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                data_dir,
-                "--appendonly",
-                "yes",
-                "--save",
-                "",
-                "--protected-mode",
-                "yes",
-            ],
-        )
+        server = shutil.which("redis-server") or "redis-server"
+        self._spawn("redis", launcher.redis_argv(server, self.redis_port, data_dir))
         self._expect(lambda: port_answers(self.redis_port), "redis", 15)
 
     def launch(self, role="all"):

@@ -26,7 +26,6 @@ the time the whole queue would take at that rate. Everything listens on
 127.0.0.1, on free ports, in a temporary folder.
 """
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -44,9 +43,7 @@ SEND_RATE_LIMIT = 100
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument(
         "--latencies",
         default="0,100",
@@ -67,10 +64,6 @@ def parse_args(argv):
         default=60.0,
         help="seconds a drain may take before it is cut short (60)",
     )
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the temporary folder and its logs"
-    )
-    common.add_settings_option(parser)
     return parser.parse_args(argv)
 
 

@@ -30,7 +30,6 @@ that every delivery answered 200 was stored exactly once. Everything
 listens on 127.0.0.1, on free ports, with its files in a temporary folder.
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -47,9 +46,7 @@ CORES = os.cpu_count() or 1
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument(
         "--duration", type=float, default=10.0, help="seconds measured per run (10)"
     )
@@ -77,10 +74,6 @@ def parse_args(argv):
         help="comma-separated runs to do, of generator, ceiling, web (service "
         "without a worker), all (service with its worker); default: all four",
     )
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the temporary folder and its logs"
-    )
-    common.add_settings_option(parser)
     return parser.parse_args(argv)
 
 

@@ -16,7 +16,6 @@ again. Prints one row per process and the totals. Everything listens on
 127.0.0.1, on free ports, in a temporary folder.
 """
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -29,9 +28,7 @@ TARGET_MB = 500
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument(
         "--idle", type=float, default=3.0, help="seconds idle before reading (3)"
     )
@@ -41,10 +38,6 @@ def parse_args(argv):
     parser.add_argument(
         "--timeout", type=float, default=120.0, help="seconds the drain may take (120)"
     )
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the temporary folder and its logs"
-    )
-    common.add_settings_option(parser)
     return parser.parse_args(argv)
 
 

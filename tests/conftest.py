@@ -39,25 +39,21 @@ def wait_for(predicate, seconds=10.0, interval=0.05):
         time.sleep(interval)
 
 
-@pytest.fixture(scope="session")
-def redis_server():
-    """A redis-server of the tests' own, on a free port, for the whole session."""
+def throwaway_redis_argv(port):
+    """Return the command of a redis-server for tests: loopback, keeps nothing."""
     binary = shutil.which("redis-server")
     if not binary:
         pytest.fail("redis-server is not installed; the tests need a real Redis")
+    return [binary, "--port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A redis-server of the tests' own, on a free port, for the whole session."""
     port = free_port()
     proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
+        throwaway_redis_argv(port),
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"

@@ -9,7 +9,6 @@ they promise.
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -22,7 +21,7 @@ from base64 import b64encode
 
 import payloads
 import pytest
-from conftest import free_port, wait_for
+from conftest import free_port, throwaway_redis_argv, wait_for
 from graph_stub import GraphStub
 from test_end_to_end import PROJECT, Service, _alive, service_env
 
@@ -316,17 +315,7 @@ def test_web_and_worker_roles_share_one_redis_as_in_compose(tmp_path, graph):
         tmp_path, graph.url, REDIS_URL=f"redis://127.0.0.1:{redis_port}/0"
     )
     redis = subprocess.Popen(
-        [
-            shutil.which("redis-server"),
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
+        throwaway_redis_argv(redis_port),
         stdout=subprocess.DEVNULL,
     )
     procs, logs = {}, {}

@@ -6,7 +6,6 @@ with a message_id.
 """
 
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -15,7 +14,7 @@ import time
 
 import payloads
 import pytest
-from conftest import free_port, wait_for
+from conftest import free_port, throwaway_redis_argv, wait_for
 from graph_stub import GraphStub
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,17 +68,7 @@ class Stack:
     def start_redis(self):
         self._spawn(
             "redis",
-            [
-                shutil.which("redis-server"),
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
+            throwaway_redis_argv(self.redis_port),
         )
         assert wait_for(lambda: _port_open(self.redis_port))
 
