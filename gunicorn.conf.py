@@ -23,3 +23,10 @@ graceful_timeout = 20
 accesslog = None
 # No control socket: several instances may share a home folder, or have none.
 control_socket_disable = True
+
+
+def post_worker_init(worker):
+    """Checkpoint SQLite's write-ahead log in the background of each worker."""
+    store = getattr(worker.wsgi, "extensions", {}).get("store")
+    if store is not None:  # bench/ceiling_app.py, served with this file, has none
+        store.start_checkpoints()

@@ -182,8 +182,11 @@ class Launcher:
         )
 
     def start_worker(self):
-        """Start the RQ worker."""
-        self._spawn("worker", [sys.executable, os.path.join(HERE, "worker.py")])
+        """Start WORKER_PROCESSES worker processes."""
+        count = self.settings.worker_processes
+        for number in range(1, count + 1):
+            name = "worker" if count == 1 else f"worker-{number}"
+            self._spawn(name, [sys.executable, os.path.join(HERE, "worker.py")])
 
     def start_dashboard(self):
         """Start rq-dashboard behind basic auth, if DASHBOARD_PASSWORD is set."""
@@ -237,13 +240,20 @@ class Launcher:
         """Stop web, dashboard, worker, then Redis, within STOP_TIMEOUT_SECONDS."""
         self.stopping = True
         deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-        names = [name for name in STOP_ORDER if name in self.procs]
-        for i, name in enumerate(names):
-            proc = self.procs.pop(name)
-            if proc.poll() is None:
+        groups = [
+            [name for name in self.procs if name.split("-")[0] == role]
+            for role in STOP_ORDER
+        ]
+        groups = [group for group in groups if group]
+        for i, group in enumerate(groups):
+            # The processes of one part (the workers) stop side by side.
+            procs = {name: self.procs.pop(name) for name in group}
+            running = {name: p for name, p in procs.items() if p.poll() is None}
+            for proc in running.values():
                 proc.terminate()
-                # Keep a little time for each process after this one.
-                reserve = STOP_RESERVE_SECONDS * (len(names) - i - 1)
+            # Keep a little time for each part after this one.
+            reserve = STOP_RESERVE_SECONDS * (len(groups) - i - 1)
+            for name, proc in running.items():
                 try:
                     proc.wait(max(1.0, deadline - time.monotonic() - reserve))
                 except subprocess.TimeoutExpired:
@@ -251,8 +261,9 @@ class Launcher:
                     proc.kill()
                     proc.wait()
                 log.info("%s stopped", name)
-            # Each process leads a group of its own (start_new_session).
-            kill_leftovers(proc.pid)
+            for proc in procs.values():
+                # Each process leads a group of its own (start_new_session).
+                kill_leftovers(proc.pid)
 
 
 def healthcheck(settings):

@@ -1,9 +1,16 @@
 """Keep SQLite and the queue in step, so no stored event is ever lost.
 
-SQLite is the record of truth; Redis only carries work. A pass, run every
-few seconds by each worker process (one at a time, under a Redis lock):
+SQLite is the record of truth; Redis only carries work. The web stores
+events and answers Meta; it never talks to Redis. Each worker process runs:
 
-- relays events stored while Redis was away, or before a crash, into the queue;
+- a relay (Relay), ten times a second: it marks the events stored since
+  its last look 'queued' with fresh job ids, in one transaction, then
+  enqueues their jobs in one round trip. Moving the enqueue here took a
+  Redis round trip and most of RQ's own work off every delivery, and it
+  batches: under load a look finds hundreds of events, queued together;
+- a reconciler (Reconciler), every few seconds, one process at a time
+  under a Redis lock, whose pass
+- also relays, for a worker run with --burst;
 - retries attempts whose worker died (their lease ran out);
 - re-enqueues queued events whose job vanished (Redis restarted without its
   data, a failed job expired before anyone copied it);
@@ -12,6 +19,7 @@ few seconds by each worker process (one at a time, under a Redis lock):
 """
 
 import logging
+import sqlite3
 import threading
 
 from redis.exceptions import RedisError
@@ -24,8 +32,9 @@ import queueing
 log = logging.getLogger(__name__)
 
 INTERVAL_SECONDS = 5
-#: An event stays 'received' this long before the relay takes it from the web.
-RELAY_GRACE_SECONDS = 3
+#: The relay looks for new events this often: the most an event waits
+#: between its delivery's answer and its job. A look is one indexed query.
+RELAY_INTERVAL_SECONDS = 0.1
 BATCH = 500
 LIVE_STATUSES = {
     JobStatus.QUEUED,
@@ -47,14 +56,29 @@ def run_pass(store, queue, settings):
 
 
 def relay_received(store, queue, settings):
-    """Queue events that were stored but never queued."""
-    waiting = store.events_to_relay(RELAY_GRACE_SECONDS, BATCH)
-    if not waiting:
-        return 0
-    job_ids = queueing.enqueue_events(queue, waiting, settings)
-    store.mark_queued(job_ids, "by the relay")
-    log.info("relay: queued %d events stored while the queue was away", len(waiting))
-    return len(waiting)
+    """Queue every event stored but not queued yet; return how many.
+
+    SQLite first: the events are marked 'queued' with their job ids, then
+    the jobs are enqueued, so a job never runs before its event knows it.
+    Relays of several worker processes never take the same event. If Redis
+    refuses the jobs, the events go back to 'received' for the next look.
+    """
+    total = 0
+    while True:
+        taken = store.take_for_queue(BATCH, "by the relay")
+        if taken:
+            job_ids = {key: job_id for key, _, job_id in taken}
+            try:
+                queueing.enqueue_events(
+                    queue, [(key, kind) for key, kind, _ in taken], settings, job_ids
+                )
+            except RedisError:
+                store.unqueue(list(job_ids))
+                raise
+            log.debug("relay: queued %d events", len(taken))
+        total += len(taken)
+        if len(taken) < BATCH:
+            return total
 
 
 def retry_abandoned(store, queue, settings):
@@ -215,6 +239,52 @@ class Reconciler(threading.Thread):
                 )
             except Exception:
                 log.exception("reconciler: pass failed; trying again")
+
+    def stop(self):
+        self.stopped.set()
+
+
+class Relay(threading.Thread):
+    """Queue newly stored events every RELAY_INTERVAL_SECONDS.
+
+    While Redis is away it only pings it, so no event is marked and
+    unmarked over and over; the events wait, stored, until Redis is back.
+    """
+
+    def __init__(self, store, queue, settings, interval=RELAY_INTERVAL_SECONDS):
+        super().__init__(name="relay", daemon=True)
+        self.store, self.queue, self.settings = store, queue, settings
+        self.interval = interval
+        self.stopped = threading.Event()
+        self.redis_down = False
+
+    def run(self):
+        while not self.stopped.wait(self.interval):
+            self.look()
+
+    def look(self):
+        """Queue what is waiting, if Redis answers; return how many."""
+        try:
+            self.queue.connection.ping()
+            relayed = relay_received(self.store, self.queue, self.settings)
+        except RedisError as exc:
+            if not self.redis_down:
+                log.warning(
+                    "relay: Redis unavailable (%s); stored events wait for it",
+                    type(exc).__name__,
+                )
+            self.redis_down = True
+            return 0
+        except sqlite3.Error as exc:
+            log.warning("relay: database busy (%s); trying again", exc)
+            return 0
+        except Exception:
+            log.exception("relay: look failed; trying again")
+            return 0
+        if self.redis_down:
+            log.info("relay: Redis is back; queueing stored events")
+            self.redis_down = False
+        return relayed
 
     def stop(self):
         self.stopped.set()

@@ -11,6 +11,8 @@ from errors import ConfigError
 DEFAULT_REPLY = "Thanks for your message! We'll get back to you soon."
 DEFAULT_RETRY_DELAYS = (10, 30, 60, 300, 900, 1800, 3600)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: More threads than this in one process only wait on each other for the GIL.
+MAX_WORKER_THREADS = 64
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,12 @@ class Settings:
     reply_rules: tuple = ()
     #: At most this many Send API calls per second, whole service; 0: no limit.
     send_rate_per_second: int = 100
+    #: Worker processes launcher.py starts, and the jobs each runs at once,
+    #: one per thread (see worker.py for why these numbers).
+    worker_processes: int = 3
+    worker_threads: int = 4
+    #: Niceness the worker processes run at: the web answers Meta first.
+    worker_nice: int = 10
     #: Retry a send whose outcome is unknown (it may have gone out).
     retry_uncertain_sends: bool = True
     #: A queued event untouched this long past its due time is queued again.
@@ -164,6 +172,11 @@ def from_env(env=None):
         send_rate_per_second=_number(
             env, "SEND_RATE_PER_SECOND", Settings.send_rate_per_second
         ),
+        worker_processes=_number(
+            env, "WORKER_PROCESSES", Settings.worker_processes, minimum=1
+        ),
+        worker_threads=_worker_threads(env),
+        worker_nice=_worker_nice(env),
         retry_uncertain_sends=_flag(
             env, "RETRY_UNCERTAIN_SENDS", Settings.retry_uncertain_sends
         ),
@@ -195,6 +208,24 @@ def _flag(env, name, default):
     if raw in ("0", "false", "no", "off"):
         return False
     raise ConfigError(name, f"expected true or false, got {raw!r}")
+
+
+def _worker_threads(env):
+    threads = _number(env, "WORKER_THREADS", Settings.worker_threads, minimum=1)
+    if threads > MAX_WORKER_THREADS:
+        raise ConfigError(
+            "WORKER_THREADS",
+            f"expected at most {MAX_WORKER_THREADS}, got {threads}; run more"
+            " worker processes instead",
+        )
+    return threads
+
+
+def _worker_nice(env):
+    nice = _number(env, "WORKER_NICE", Settings.worker_nice)
+    if nice > 19:
+        raise ConfigError("WORKER_NICE", f"expected 0 to 19, got {nice}")
+    return nice
 
 
 def _port(env):

@@ -20,13 +20,14 @@ import signal
 import sqlite3
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from redis.exceptions import RedisError
 from rq import Retry, SimpleWorker, get_current_job
 from rq.exceptions import AbandonedJobError
-from rq.timeouts import JobTimeoutException
+from rq.timeouts import JobTimeoutException, TimerDeathPenalty
 
 import logs
 import queueing
@@ -55,33 +56,41 @@ MAINTENANCE_INTERVAL_SECONDS = 60
 
 @dataclass
 class Context:
-    """What one worker process needs for every job."""
+    """What one worker process needs for every job, whichever thread runs it."""
 
     settings: settings_module.Settings
-    store: Store
-    client: InstagramClient
-    redis: object
+    store: Store  # one SQLite connection per thread inside
+    redis: object  # redis-py clients are safe to share between threads
     pid: int
+    _clients: threading.local = field(default_factory=threading.local)
+
+    @property
+    def client(self):
+        """Return this thread's Graph API client: it keeps per-call state."""
+        client = getattr(self._clients, "client", None)
+        if client is None:
+            client = self._clients.client = InstagramClient(self.settings)
+        return client
 
 
 _context = None
+_context_lock = threading.Lock()
 
 
 def context():
     """Return this process's Context, built from the settings on first use."""
     global _context
-    if _context is None or _context.pid != os.getpid():
-        settings = settings_module.load()
-        settings.require_worker_settings()
-        store = Store(settings.database_path, storage.WORKER_BUSY_TIMEOUT_SECONDS)
-        _context = Context(
-            settings,
-            store,
-            InstagramClient(settings),
-            queueing.connect(settings),
-            os.getpid(),
-        )
-    return _context
+    with _context_lock:
+        if _context is None or _context.pid != os.getpid():
+            settings = settings_module.load()
+            settings.require_worker_settings()
+            _context = Context(
+                settings,
+                Store(settings.database_path, storage.WORKER_BUSY_TIMEOUT_SECONDS),
+                queueing.connect(settings),
+                os.getpid(),
+            )
+        return _context
 
 
 # -- the job -----------------------------------------------------------------
@@ -161,12 +170,24 @@ def _reply_or_ignore(ctx, event):
         raise  # permanent: record_failure dead-letters it and frees the slot
     ctx.store.record_reply(key, message_id)
     log.info("event %s: replied to %s", key, whom)
-    job = get_current_job()
-    if job is not None:
-        # The token works: /readyz stops reporting it as invalid.
-        queue = queueing.get_queue(ctx.settings, job.connection)
-        queueing.flag_token(queue, ctx.settings.access_token, False)
+    _token_works(ctx)
     return None
+
+
+_token_cleared_at = float("-inf")
+#: After a successful send, clear the invalid-token flag at most this often.
+TOKEN_CLEAR_EVERY_SECONDS = 5.0
+
+
+def _token_works(ctx):
+    """The token works: /readyz stops reporting it as invalid within seconds."""
+    global _token_cleared_at
+    job = get_current_job()
+    if job is None or time.monotonic() - _token_cleared_at < TOKEN_CLEAR_EVERY_SECONDS:
+        return
+    _token_cleared_at = time.monotonic()
+    queue = queueing.get_queue(ctx.settings, job.connection)
+    queueing.flag_token(queue, ctx.settings.access_token, False)
 
 
 @dataclass(frozen=True)
@@ -348,12 +369,41 @@ def _lease_expired(event):
 #: Set once SIGTERM or SIGINT asked the worker to stop.
 STOP = threading.Event()
 RESTART_PAUSE_SECONDS = 5
+#: An idle worker thread looks at STOP this often.
+IDLE_CHECK_SECONDS = 1
 
 
 def _install_stop_handlers():
-    """Until RQ installs its own, SIGTERM and SIGINT only ask the worker to stop."""
+    """SIGTERM or SIGINT: finish the jobs in hand, then stop; a second one: now."""
+
+    def stop(signum, frame):
+        if STOP.is_set():
+            log.warning("stopping now, without waiting for the jobs in hand")
+            raise SystemExit(1)
+        log.info("stopping once the jobs in hand are done")
+        STOP.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: STOP.set())
+        signal.signal(signum, stop)
+
+
+def _lower_priority(nice):
+    """Run below the web: when both want the CPU, Meta is answered first.
+
+    The queue then drains a little later, which costs nothing: the events
+    are stored. Where the kernel groups processes by session (autogroup,
+    on by default in many distributions), nice only orders threads inside
+    one session, and launcher.py starts each process in a session of its
+    own, so the session's group is lowered as well (sched(7)).
+    """
+    if not nice:
+        return
+    os.nice(nice)
+    try:
+        with open("/proc/self/autogroup", "w") as group:
+            group.write(str(nice))
+    except OSError:
+        pass  # no autogroup here (or not ours to change): nice alone applies
 
 
 def _wait_for_redis(connection, give_up):
@@ -377,7 +427,7 @@ def _wait_for_redis(connection, give_up):
         waited += 2
 
 
-def _new_worker(ctx, queue, connection):
+def _new_worker(queue, connection):
     worker = EventWorker(
         [queue],
         connection=connection,
@@ -389,13 +439,55 @@ def _new_worker(ctx, queue, connection):
 
 
 class EventWorker(SimpleWorker):
-    """The RQ worker this service runs.
+    """The RQ worker this service runs, one per thread (WORKER_THREADS).
 
     A SimpleWorker runs jobs in its own process instead of forking one per
     job: jobs are short HTTP calls, so a fork per job costs more than the
     job, and the HTTP session and SQLite connection are reused between jobs.
-    Job timeouts still apply (SIGALRM in this, the main, thread).
+
+    A job spends nearly all its time waiting for the Graph API, so one
+    worker process runs several of these workers, each in a thread: with
+    the Graph API answering in 100 ms, one worker sends at most about ten
+    replies a second; sixteen threads send a hundred. Threads, not
+    processes, because a process costs tens of MB; in a thread the job
+    timeout comes from a timer (RQ's TimerDeathPenalty) instead of SIGALRM,
+    and the process's main thread, not RQ, owns SIGTERM and SIGINT.
     """
+
+    death_penalty_class = TimerDeathPenalty
+    #: RQ refreshes a worker's key in Redis three times per job, three round
+    #: trips each: more Redis traffic than the job itself. The key lives for
+    #: minutes, so a refresh a second is plenty; RQ's refreshes that set a
+    #: job's own deadline (in a pipeline) always go through.
+    HEARTBEAT_EVERY_SECONDS = 1.0
+    _beat_at = float("-inf")
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        """Refresh the worker's key, at most once a second unless RQ needs more."""
+        if timeout is None and pipeline is None:
+            if time.monotonic() - self._beat_at < self.HEARTBEAT_EVERY_SECONDS:
+                return
+            self._beat_at = time.monotonic()
+        super().heartbeat(timeout, pipeline)
+
+    def _install_signal_handlers(self):
+        """Leave signals to the main thread (_install_stop_handlers)."""
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        """Wait for a job as RQ does, but look at STOP every second.
+
+        RQ's wait only ends with a job or a signal to its own thread, and
+        signals reach only the main thread. Returning None ends work().
+        """
+        if timeout is None or max_idle_time is not None:  # burst, or RQ's own limit
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while not STOP.is_set():
+            found = super().dequeue_job_and_maintain_ttl(
+                IDLE_CHECK_SECONDS, IDLE_CHECK_SECONDS
+            )
+            if found is not None:
+                return found
+        return None
 
     def subscribe(self):
         """Listen for RQ's worker commands, checking five times a second.
@@ -413,9 +505,8 @@ class EventWorker(SimpleWorker):
         )
 
     def request_stop(self, signum, frame):
-        """Finish the current job, then stop (RQ's warm shutdown) for good."""
+        """RQ's shutdown command: the whole process finishes its jobs and stops."""
         STOP.set()
-        super().request_stop(signum, frame)
 
     def handle_exception(self, job, *exc_info):
         """Leave expected failures to record_failure's one line: no traceback."""
@@ -423,6 +514,24 @@ class EventWorker(SimpleWorker):
             self.log.debug("job %s failed: %s", job.id, type(exc_info[1]).__name__)
             return
         super().handle_exception(job, *exc_info)
+
+
+def _work(queue, connection, log_level, with_scheduler):
+    """Run one worker until STOP, starting it again if its loop ends early."""
+    while not STOP.is_set():
+        worker = _new_worker(queue, connection)
+        try:
+            worker.work(with_scheduler=with_scheduler, logging_level=log_level)
+        except RedisError as exc:
+            log.error("lost Redis: %s", type(exc).__name__)
+        if STOP.is_set():
+            break
+        # RQ leaves its loop when Redis goes away in the middle of a job.
+        log.error(
+            "worker loop ended unexpectedly; starting again in %ds",
+            RESTART_PAUSE_SECONDS,
+        )
+        STOP.wait(RESTART_PAUSE_SECONDS)
 
 
 def main(argv=None):
@@ -444,39 +553,50 @@ def main(argv=None):
         print(f"storage error: {exc}", file=sys.stderr)
         return 2
     _install_stop_handlers()
+    _lower_priority(ctx.settings.worker_nice)
+    sys.setswitchinterval(0.0005)
     connection = queueing.connect(ctx.settings)
     if not _wait_for_redis(connection, give_up=args.burst):
         return 1
 
     queue = queueing.get_queue(ctx.settings, connection)
-    worker = _new_worker(ctx, queue, connection)
+    level = ctx.settings.log_level
 
     if args.burst:
-        # One pass first, so events stored while Redis was away are worked too.
+        # One pass first, so events stored but not yet queued are worked too.
         reconciler.run_pass(ctx.store, queue, ctx.settings)
-        worker.work(burst=True, logging_level=ctx.settings.log_level)
+        _new_worker(queue, connection).work(burst=True, logging_level=level)
         return 0
 
-    keeper = reconciler.Reconciler(ctx.store, queue, ctx.settings)
-    keeper.start()
+    helpers = [
+        reconciler.Relay(ctx.store, queue, ctx.settings),
+        reconciler.Reconciler(ctx.store, queue, ctx.settings),
+    ]
+    threads = [
+        # The first worker also runs RQ's scheduler, which starts due retries.
+        threading.Thread(
+            target=_work,
+            args=(queue, connection, level, index == 0),
+            name=f"rq-worker-{index + 1}",
+            daemon=True,
+        )
+        for index in range(ctx.settings.worker_threads)
+    ]
+    log.info(
+        "worker started: %d threads on queue %s", len(threads), ctx.settings.queue_name
+    )
+    ctx.store.start_checkpoints()
+    for thread in helpers + threads:
+        thread.start()
     try:
-        while True:
-            try:
-                worker.work(with_scheduler=True, logging_level=ctx.settings.log_level)
-            except RedisError as exc:
-                log.error("lost Redis: %s", type(exc).__name__)
-            if STOP.is_set():
-                break
-            # RQ leaves its loop when Redis goes away in the middle of a job.
-            log.error(
-                "worker loop ended unexpectedly; starting again in %ds",
-                RESTART_PAUSE_SECONDS,
-            )
-            if STOP.wait(RESTART_PAUSE_SECONDS):
-                break
-            worker = _new_worker(ctx, queue, connection)
+        while not STOP.wait(1):
+            pass
+        for thread in threads:
+            thread.join()
     finally:
-        keeper.stop()
+        for helper in helpers:
+            helper.stop()
+    log.info("worker stopped")
     return 0
 
 

@@ -11,7 +11,9 @@ before answering each call; 0 and 100 by default):
 1. start a redis-server with the launcher's own flags and ``python
    launcher.py web``, with no worker, and post --messages direct messages
    (default 2,000, from as many senders, --per-delivery to a delivery)
-   through the web, so they are stored and queued as in production;
+   through the web, so they are stored as in production, then queue their
+   jobs with the relay's own code (reconciler.relay_received), as a
+   worker's relay would;
 2. start the default worker setup, ``python launcher.py worker`` (what
    ./run.sh starts beside the web), and wait until every event is done,
    ignored or dead, or --timeout seconds have passed;
@@ -34,7 +36,10 @@ import time
 import common
 from redis import Redis
 
+import queueing
+import reconciler
 import settings
+import storage
 
 #: Issue 7's targets: replies per second at 0 ms and at 100 ms Graph latency.
 TARGETS = {0: 300, 100: 100}
@@ -152,11 +157,14 @@ def drain(args, latency, folder):
 
 
 def fill(args, deployment):
-    """Post the messages through the web; check they were all stored and queued."""
+    """Post the messages through the web, queue them; check they are all queued."""
     for raw, _ in common.direct_messages(args.messages, "drain", args.per_delivery):
         status, _, _ = common.post(deployment.web_port, raw)
         if status != 200:
             raise SystemExit(f"error: filling the queue: HTTP {status}")
+    service = settings.from_env(deployment.env)
+    queue = queueing.get_queue(service, Redis(port=deployment.redis_port))
+    reconciler.relay_received(storage.Store(deployment.db_path), queue, service)
     statuses = deployment.statuses()
     if statuses.get("queued") != args.messages:
         raise SystemExit(f"error: expected {args.messages} queued events, {statuses}")
