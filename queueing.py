@@ -56,11 +56,12 @@ def wait_for_send_slot(connection, settings, clock=time.time, sleep=time.sleep):
     """Block until a send keeps the last second within SEND_RATE_PER_SECOND.
 
     Every worker counts in one Redis sorted set, so the whole service never
-    sends more than the limit in any one-second window.
+    sends more than the limit in any one-second window. Return the time the
+    slot was taken (``clock()``), or None when there is no limit.
     """
     limit = settings.send_rate_per_second
     if not limit:
-        return
+        return None
     take = connection.register_script(_TAKE_SEND_SLOT)
     key = f"{settings.queue_name}:sends"
     while True:
@@ -68,7 +69,7 @@ def wait_for_send_slot(connection, settings, clock=time.time, sleep=time.sleep):
         member = f"{now}:{secrets.token_hex(4)}"
         wait = float(take(keys=[key], args=[now, limit, member, SEND_WINDOW_SECONDS]))
         if wait <= 0:
-            return
+            return now
         sleep(wait)
 
 

@@ -8,9 +8,10 @@ instead of failing half-way.
 Every write goes through Store.transaction, where writers take turns
 through a lock file beside the database before they ask SQLite for its
 write lock. SQLite's own busy wait sleeps 1, 2, 5, 10 ms... between tries,
-while a transaction here holds the lock for about a tenth of a millisecond: two web processes colliding would each lose a millisecond
-or more, which is most of a delivery's time. The lock file is tried every
-50 microseconds at first, so the next writer starts almost as soon as the
+while a transaction here holds the lock for about a tenth of a
+millisecond: two web processes colliding would each lose a millisecond or
+more, which is most of a delivery's time. The lock file is tried every 50
+microseconds at first, so the next writer starts almost as soon as the
 last one is done. SQLite's locking still guards every write; the lock file
 only decides who asks first.
 """

@@ -139,7 +139,7 @@ def _reply_or_ignore(ctx, event):
         return None
 
     try:
-        queueing.wait_for_send_slot(ctx.redis, ctx.settings)
+        _take_send_slot(ctx, key)
     except RedisError as exc:
         return _retry(
             ctx,
@@ -149,7 +149,6 @@ def _reply_or_ignore(ctx, event):
                 f"send rate limit unavailable: {type(exc).__name__}", transient=True
             ),
         )
-    ctx.store.mark_send_started(key)
     try:
         if decision.comment_id:
             message_id = ctx.client.send_private_reply(
@@ -188,6 +187,26 @@ def _token_works(ctx):
     _token_cleared_at = time.monotonic()
     queue = queueing.get_queue(ctx.settings, job.connection)
     queueing.flag_token(queue, ctx.settings.access_token, False)
+
+
+#: A send slot older than this when the request is about to leave is taken
+#: again: the rate limit counts slots, Meta counts arrivals, and the window
+#: (queueing.SEND_WINDOW_SECONDS) only allows for this much in between.
+SLOT_FRESH_SECONDS = 0.02
+
+
+def _take_send_slot(ctx, key):
+    """Take a send slot, then record that the send is starting.
+
+    The record comes second, so an attempt that dies waiting for a slot is
+    not taken for one whose reply may have gone out. If that write waited
+    on the database long enough to age the slot, another slot is taken.
+    """
+    while True:
+        taken = queueing.wait_for_send_slot(ctx.redis, ctx.settings)
+        ctx.store.mark_send_started(key)
+        if taken is None or time.time() - taken < SLOT_FRESH_SECONDS:
+            return
 
 
 @dataclass(frozen=True)
@@ -309,6 +328,7 @@ def record_failure(job, connection, exc_type, exc, traceback):
     also calls it for a job whose worker died (AbandonedJobError): such an
     attempt is tried again while RETRY_DELAYS lasts.
     """
+    global _token_cleared_at
     ctx = context()
     key = job.args[0] if job.args else None
     event = ctx.store.get_event(key) if isinstance(key, str) else None
@@ -348,6 +368,8 @@ def record_failure(job, connection, exc_type, exc, traceback):
     if reason == "token_invalid":
         queue = queueing.get_queue(ctx.settings, connection)
         queueing.flag_token(queue, ctx.settings.access_token, True)
+        # The next send that works clears the flag, however soon it comes.
+        _token_cleared_at = float("-inf")
         log.error(
             "event %s: dead-lettered: the Graph API says IG_ACCESS_TOKEN is invalid or "
             "expired; set a new IG_ACCESS_TOKEN, restart the worker, then replay the "
@@ -445,13 +467,25 @@ class EventWorker(SimpleWorker):
     job: jobs are short HTTP calls, so a fork per job costs more than the
     job, and the HTTP session and SQLite connection are reused between jobs.
 
-    A job spends nearly all its time waiting for the Graph API, so one
-    worker process runs several of these workers, each in a thread: with
-    the Graph API answering in 100 ms, one worker sends at most about ten
-    replies a second; sixteen threads send a hundred. Threads, not
-    processes, because a process costs tens of MB; in a thread the job
-    timeout comes from a timer (RQ's TimerDeathPenalty) instead of SIGALRM,
-    and the process's main thread, not RQ, owns SIGTERM and SIGINT.
+    Several of these run in each worker process, one per thread, and
+    launcher.py starts several processes: WORKER_PROCESSES x WORKER_THREADS,
+    3 x 4 by default. Measured with bench/drain.py on 2 cores, no send limit:
+
+    - RQ spends about 2.4 ms of CPU and 50 Redis commands on every job, ours
+      included or not; with ours a job costs about 4 ms. One process, held
+      to one core by the GIL, works about 170 jobs a second, and more
+      threads in it only fight over the GIL (Graph API at 0 ms: 1 thread
+      174/s, 4 threads 168/s, 8 threads 149/s): throughput needs processes.
+    - With the Graph API at 100 ms a thread sends about 9 replies a second,
+      so 100 a second needs a dozen sends in flight: concurrency needs
+      threads, which cost almost nothing, where a process costs about 50 MB.
+    - 3 x 4 gave 314 events/s at 0 ms and 105 replies/s at 100 ms; 2 x 4
+      gave 245/s and 70/s; 2 x 8 gave 218/s and 133/s. Three processes
+      keep the whole deployment well under 500 MB.
+
+    In a thread the job timeout comes from a timer (RQ's TimerDeathPenalty)
+    instead of SIGALRM, and the process's main thread, not RQ, owns SIGTERM
+    and SIGINT.
     """
 
     death_penalty_class = TimerDeathPenalty
@@ -554,7 +588,6 @@ def main(argv=None):
         return 2
     _install_stop_handlers()
     _lower_priority(ctx.settings.worker_nice)
-    sys.setswitchinterval(0.0005)
     connection = queueing.connect(ctx.settings)
     if not _wait_for_redis(connection, give_up=args.burst):
         return 1

@@ -16,11 +16,13 @@ direct message:
    gunicorn with the project's gunicorn.conf.py (same workers, same
    settings): the web stack's ceiling;
 3. service, web only: ``python launcher.py web`` beside a redis-server
-   started with the launcher's own flags: storing and enqueueing, with no
-   worker competing for the CPU and the database;
-4. service + worker: ``python launcher.py`` as ./run.sh runs it (web, worker
-   and its own Redis), the worker replying to every message through a
-   stand-in Graph API while the deliveries come in.
+   started with the launcher's own flags: what the web does for every
+   delivery (check, store), with no worker competing for the CPU and the
+   database, so the events stay 'received';
+4. service + worker: ``python launcher.py`` as ./run.sh runs it (web,
+   worker processes and its own Redis), the workers' relay queueing every
+   event and the workers replying to every message through a stand-in
+   Graph API (at up to SEND_RATE_PER_SECOND) while the deliveries come in.
 
 The load comes from wrk (with bench/deliveries.lua) when it is installed,
 else from bench/loadgen.py's Python generator (--generator chooses). It
