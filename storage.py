@@ -113,7 +113,7 @@ class Store:
         try:
             os.makedirs(folder, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=self._timeout)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(conn, self._timeout)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             # One open file per thread: flock does not exclude a file's own holder.
@@ -674,6 +674,24 @@ class Store:
         except _RollBack:
             pass
         return counts
+
+
+def _switch_to_wal(conn, timeout):
+    """Put the database in WAL mode, waiting up to ``timeout`` for other openers.
+
+    While another process switches a new file to WAL, SQLite refuses the
+    switch at once ("database is locked") instead of waiting its busy
+    timeout: processes started together would fail for no reason.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorname != "SQLITE_BUSY" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _count_finished(rows, status):

@@ -542,6 +542,14 @@ class EventWorker(SimpleWorker):
         """RQ's shutdown command: the whole process finishes its jobs and stops."""
         STOP.set()
 
+    def execute_job(self, job, queue):
+        """Run the job, letting the main thread know a job is in hand."""
+        _BUSY.add(threading.get_ident())
+        try:
+            super().execute_job(job, queue)
+        finally:
+            _BUSY.discard(threading.get_ident())
+
     def handle_exception(self, job, *exc_info):
         """Leave expected failures to record_failure's one line: no traceback."""
         if isinstance(exc_info[1], ServiceError):
@@ -624,13 +632,40 @@ def main(argv=None):
     try:
         while not STOP.wait(1):
             pass
-        for thread in threads:
-            thread.join()
+        _finish(threads)
     finally:
         for helper in helpers:
             helper.stop()
     log.info("worker stopped")
     return 0
+
+
+#: Threads running a job right now (their idents).
+_BUSY = set()
+#: Once no job is in hand, threads get this long to sign off from Redis.
+SIGN_OFF_SECONDS = 3.0
+
+
+def _finish(threads):
+    """Wait for the jobs in hand, then for the idle threads to sign off.
+
+    An idle thread notices STOP within a second, unless Redis is away: then
+    it sits in RQ's own wait for Redis (pauses of up to a minute) and is
+    left behind, with no job to lose.
+    """
+    idle_since = None
+    while any(thread.is_alive() for thread in threads):
+        if _BUSY:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > SIGN_OFF_SECONDS:
+            log.warning(
+                "stopping without waiting for %d idle threads (Redis unreachable?)",
+                sum(thread.is_alive() for thread in threads),
+            )
+            return
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

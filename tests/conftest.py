@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 from redis import Redis  # noqa: E402
 
 import queueing  # noqa: E402
+import reconciler  # noqa: E402
 import settings as settings_module  # noqa: E402
 import worker  # noqa: E402
 from webhook_app import create_app  # noqa: E402
@@ -86,6 +87,7 @@ def env(tmp_path, redis_server, monkeypatch):
                 "AUTO_REPLY",
                 "RETRY_",
                 "MAX_BODY",
+                "WORKER_",
             )
         ):
             monkeypatch.delenv(name)
@@ -107,6 +109,8 @@ def env(tmp_path, redis_server, monkeypatch):
         monkeypatch.setenv(name, value)
     Redis.from_url(redis_server).flushdb()
     worker._context = None
+    # When this process last cleared the invalid-token flag: not in another test.
+    monkeypatch.setattr(worker, "_token_cleared_at", float("-inf"))
     yield values
     worker._context = None
 
@@ -152,10 +156,24 @@ def queue(settings):
 
 
 @pytest.fixture
-def work(queue):
-    """Run the worker code until the queue is empty, as `python worker.py --burst`."""
+def relay(store, queue, settings):
+    """Queue the stored events, as a worker's relay does a moment after a POST."""
+
+    def relay():
+        return reconciler.relay_received(store, queue, settings)
+
+    return relay
+
+
+@pytest.fixture
+def work(queue, relay):
+    """Relay, then run the worker code until the queue is empty.
+
+    As `python worker.py --burst` does, but for the rest of its first pass.
+    """
 
     def work():
+        relay()
         worker.EventWorker([queue], connection=queue.connection).work(burst=True)
 
     return work

@@ -286,12 +286,14 @@ def test_check_config_online_without_a_token_fails(env, monkeypatch, requests_mo
 
 
 @pytest.fixture
-def stored(post):
-    """Post a signed delivery of these events; return their keys, in order."""
+def stored(post, relay):
+    """Post a signed delivery of these events and let the relay queue them, as a
+    running worker's does; return their keys, in order."""
 
     def stored(*events, changes=()):
         delivery = payloads.delivery(*events, changes=changes)
         assert post(delivery).status_code == 200
+        relay()
         return [e.key for e in parse_delivery(payloads.body(delivery))]
 
     return stored
@@ -367,6 +369,23 @@ def test_events_list_filters(cli, stored, store, args, expected):
     else:
         assert result.exit_code == 0
         assert result.output == "no events match\n"
+
+
+def test_events_list_shows_events_no_worker_has_queued_yet_as_received(
+    cli, stored, post
+):
+    [queued] = stored(payloads.text_message(payloads.new_id()))
+    delivery = payloads.delivery(payloads.text_message(payloads.new_id()))
+    assert post(delivery).status_code == 200  # and no relay ran since
+    [waiting] = [e.key for e in parse_delivery(payloads.body(delivery))]
+
+    table = parse_table(cli("events", "list").output)
+
+    assert [(r["KEY"], r["STATUS"]) for r in table] == [
+        (waiting, "received"),
+        (queued, "queued"),
+    ]
+    assert listed_keys(cli("events", "list", "--status", "received")) == [waiting]
 
 
 def test_events_list_limit_says_there_are_more(cli, stored):
@@ -595,7 +614,9 @@ def test_send_test_event_end_to_end_through_the_real_app(env):
 
     assert result.exit_code == 0, result.output
     assert f"to http://127.0.0.1:{port}/webhooks/instagram" in result.output
-    assert 'answer: HTTP 200 {"new":5,"received":5}' in result.output
+    [answer] = [line for line in result.output.splitlines() if "answer:" in line]
+    assert answer.startswith("answer: HTTP 200 {")
+    assert json.loads(answer.split(" ", 3)[3]) == {"received": 5, "new": 5}
     store = app.extensions["store"]
     stored = [(r["event_key"], r["kind"]) for r in rows(store, "webhook_events")]
     assert [kind for _, kind in stored] == sample_events.kinds_of("batch")
@@ -692,7 +713,11 @@ def test_purge_deletes_old_finished_events_and_keeps_what_is_still_needed(
 ):
     before = counts(store)
     gone = ("old_done", "old_resolved", "old_discarded")
-    gone_audit = sum(len(store.audit_trail(history[name])) for name in gone)
+    gone_audit = sum(
+        len(rows(store, "audit_log", "event_key = ?", [history[name]])) for name in gone
+    )
+    kept = ("old_open", "old_replayed", "old_closed_lately", "old_queued", "new_done")
+    kept_history = {name: store.audit_trail(history[name]) for name in kept}
 
     dry = cli("purge", "--older-than", "30", "--dry-run")
     assert counts(store) == before
@@ -710,7 +735,6 @@ def test_purge_deletes_old_finished_events_and_keeps_what_is_still_needed(
     assert "dry run" not in real.output
     assert "  3 events whose dead letter is open, replayed or closed" in real.output
     assert "  1 events not finished yet" in real.output
-    kept = ("old_open", "old_replayed", "old_closed_lately", "old_queued", "new_done")
     assert {r["event_key"] for r in rows(store, "webhook_events")} == {
         history[name] for name in kept
     }
@@ -719,7 +743,8 @@ def test_purge_deletes_old_finished_events_and_keeps_what_is_still_needed(
     }
     # The kept events keep their whole history, old as it is.
     for name in kept:
-        assert store.audit_trail(history[name])[0]["action"] == "received"
+        assert store.audit_trail(history[name]) == kept_history[name]
+        assert [a["action"] for a in kept_history[name]][:2] == ["received", "queued"]
     for name in gone:
         assert store.audit_trail(history[name]) == []
     assert len(rows(store, "audit_log", "event_key IS NULL")) == 1

@@ -82,6 +82,10 @@ class Service:
     def pid_of(self, name):
         return int(re.search(rf"started {name} \(pid (\d+)\)", self.output()).group(1))
 
+    def worker_names(self):
+        """Names of the worker processes the launcher started, in order."""
+        return re.findall(r"started (worker(?:-\d+)?) \(pid", self.output())
+
     def output(self):
         return self.log_path.read_text(errors="replace")
 
@@ -146,21 +150,53 @@ def test_batch_with_a_failing_recipient_ends_replied_ignored_and_dead(service, g
 
 
 def test_sigterm_stops_every_process_and_exits_0(service):
-    pids = [service.pid_of(name) for name in ("redis", "web", "worker")]
+    workers = service.worker_names()
+    assert workers == ["worker-1", "worker-2", "worker-3"]  # WORKER_PROCESSES=3
+    pids = [service.pid_of(name) for name in ("redis", "web", *workers)]
 
     service.proc.send_signal(signal.SIGTERM)
 
     assert service.proc.wait(30) == 0
     assert not [pid for pid in pids if _alive(pid)]
-    assert "redis stopped" in service.output()
+    for name in ("redis", *workers):
+        assert f"{name} stopped" in service.output()
 
 
 def test_a_dying_worker_takes_the_service_down_with_a_reason(service):
-    os.kill(service.pid_of("worker"), signal.SIGKILL)
+    others = [
+        service.pid_of(name)
+        for name in ("redis", "web", *service.worker_names())
+        if name != "worker-2"
+    ]
+
+    os.kill(service.pid_of("worker-2"), signal.SIGKILL)
 
     assert service.proc.wait(30) == 1
-    assert "worker exited on its own" in service.output()
+    [line] = [
+        line for line in service.output().splitlines() if "exited on its own" in line
+    ]
+    assert "worker-2 exited on its own" in line and "SIGKILL" in line
     assert not service._up()
+    assert not [pid for pid in others if _alive(pid)]
+
+
+def test_a_single_worker_process_is_called_worker(tmp_path, graph):
+    env = service_env(tmp_path, graph.url, WORKER_PROCESSES="1")
+    service = Service(tmp_path, env)
+    try:
+        assert service.worker_names() == ["worker"]
+        sender = payloads.new_id()
+        raw = payloads.body(payloads.delivery(payloads.text_message(sender)))
+
+        assert service.post(raw) == 200
+        assert wait_for(lambda: service.statuses() == ["done"])
+        assert len(graph.successes_to(sender)) == 1
+
+        os.kill(service.pid_of("worker"), signal.SIGKILL)
+        assert service.proc.wait(30) == 1
+    finally:
+        service.stop()
+    assert "worker exited on its own" in service.output()
 
 
 def test_worker_burst_works_the_queue_empty_and_exits(env, post, graph):
@@ -210,6 +246,28 @@ def test_missing_setting_stops_start_up_with_one_line(tmp_path, argv):
 
     assert result.returncode == 2
     assert "IG_VERIFY_TOKEN" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, name, value",
+    [
+        ([sys.executable, "worker.py"], "WORKER_THREADS", "65"),
+        ([sys.executable, "worker.py"], "WORKER_NICE", "20"),
+        ([sys.executable, "launcher.py"], "WORKER_PROCESSES", "0"),
+    ],
+    ids=["worker-threads", "worker-nice", "launcher-processes"],
+)
+def test_a_bad_worker_setting_stops_start_up_with_one_line(tmp_path, argv, name, value):
+    env = service_env(tmp_path, "http://127.0.0.1:9", **{name: value})
+
+    result = subprocess.run(
+        argv, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert name in result.stderr and value in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 

@@ -69,6 +69,19 @@ def test_readyz_reports_an_invalid_token_until_a_send_works(
     assert client.get("/readyz").status_code == 200
 
 
+def test_readyz_is_ready_again_when_a_send_works_right_after_a_refusal(
+    client, post, work, requests_mock
+):
+    ok = {"json": {"message_id": "m_ok"}}
+    refused = {"status_code": 400, "json": {"error": {"code": 190}}}
+    requests_mock.post(SEND_URL, [ok, refused, ok])
+    for _ in range(3):  # replied, refused, replied: within a second or two
+        post(payloads.delivery(payloads.text_message(payloads.new_id())))
+        work()
+
+    assert client.get("/readyz").status_code == 200
+
+
 def metric(text, name, **labels):
     """Return the value of one sample in Prometheus text, or 0.0 if absent."""
     wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
@@ -130,13 +143,14 @@ def test_metrics_count_deliveries_events_and_graph_calls(
     assert metric(after, "ig_webhooks_queue_depth") == 0
 
 
-def test_metrics_show_the_queue_depth(client, post):
+def test_metrics_show_the_queue_depth(client, post, relay):
     post(
         payloads.delivery(
             payloads.text_message(payloads.new_id()),
             payloads.text_message(payloads.new_id()),
         )
     )
+    relay()
     text = client.get("/metrics").get_data(as_text=True)
     assert metric(text, "ig_webhooks_queue_depth") == 2
 

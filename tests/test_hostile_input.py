@@ -150,7 +150,7 @@ def test_an_unexpected_error_answers_500_without_internals(client, monkeypatch):
     assert response.get_json() == {"error": "internal error"}
 
 
-def test_a_batch_with_odd_events_stores_every_event_once(post, store, queue):
+def test_a_batch_with_odd_events_stores_every_event_once(post, store, queue, relay):
     good = payloads.text_message(payloads.new_id())
     odd = [
         {"sender": {"id": 12345}, "recipient": {"id": None}, "timestamp": "yesterday"},
@@ -170,6 +170,7 @@ def test_a_batch_with_odd_events_stores_every_event_once(post, store, queue):
 
     assert response.status_code == 200
     assert len(rows(store, "webhook_events")) == len(odd) + 3
+    assert relay() == len(odd) + 3
     assert queue.count == len(odd) + 3
 
 

@@ -1,22 +1,24 @@
-"""The reconciler's passes against a real Redis and a temporary SQLite file."""
+"""The relay and the reconciler's passes against a real Redis and temporary SQLite."""
+
+import dataclasses
+import re
+import subprocess
+import threading
 
 import payloads
 import pytest
 from conftest import rows
+from redis.exceptions import RedisError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 
+import queueing
 import reconciler
 import storage
 
 
-@pytest.fixture
-def no_grace(monkeypatch):
-    monkeypatch.setattr(reconciler, "RELAY_GRACE_SECONDS", 0)
-
-
 def stored_but_not_queued(store, count=1):
-    """Events stored while Redis was away: status 'received', no job."""
+    """Events stored by the web, not relayed yet: status 'received', no job."""
     from events import parse_delivery
 
     events = []
@@ -35,7 +37,7 @@ def age(store, key, seconds, column="updated_at"):
 
 
 def test_relay_queues_events_stored_while_redis_was_away(
-    store, queue, settings, work, graph, no_grace
+    store, queue, settings, work, graph
 ):
     keys = stored_but_not_queued(store, 3)
 
@@ -50,14 +52,19 @@ def test_relay_queues_events_stored_while_redis_was_away(
     ) == sorted(keys)
 
 
-def test_relay_leaves_fresh_events_to_the_web(store, queue, settings):
-    stored_but_not_queued(store)
-    assert reconciler.run_pass(store, queue, settings)["relayed"] == 0
-    assert queue.count == 0
+def test_a_pass_queues_an_event_as_soon_as_it_is_stored(store, queue, settings):
+    [key] = stored_but_not_queued(store)
+
+    assert reconciler.run_pass(store, queue, settings)["relayed"] == 1
+
+    event = store.get_event(key)
+    assert event["status"] == "queued"
+    assert queue.job_ids == [event["job_id"]]
+    assert re.fullmatch(re.escape(key) + "-[0-9a-f]{8}", event["job_id"])
 
 
 def test_relay_twice_enqueues_a_duplicate_that_does_nothing(
-    store, queue, settings, work, graph, no_grace
+    store, queue, settings, work, graph
 ):
     [key] = stored_but_not_queued(store)
     reconciler.relay_received(store, queue, settings)
@@ -73,9 +80,10 @@ def test_relay_twice_enqueues_a_duplicate_that_does_nothing(
 
 
 def test_attempt_whose_lease_ran_out_is_tried_again(
-    post, store, queue, settings, work, graph
+    post, relay, store, queue, settings, work, graph
 ):
     post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    relay()
     [event] = rows(store, "webhook_events")
     store.start_attempt(event["event_key"], lease_seconds=-1)  # a worker died mid-job
     queue.empty()
@@ -89,9 +97,10 @@ def test_attempt_whose_lease_ran_out_is_tried_again(
 
 
 def test_abandoned_after_the_last_attempt_goes_to_dead_letter(
-    post, store, queue, settings
+    post, relay, store, queue, settings
 ):
     post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    relay()
     [event] = rows(store, "webhook_events")
     for _ in range(len(settings.retry_delays) + 1):
         store.start_attempt(event["event_key"], lease_seconds=-1)
@@ -103,9 +112,10 @@ def test_abandoned_after_the_last_attempt_goes_to_dead_letter(
 
 
 def test_queued_event_whose_job_vanished_is_queued_again(
-    post, store, queue, settings, work, graph, monkeypatch
+    post, relay, store, queue, settings, work, graph, monkeypatch
 ):
     post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    relay()
     [event] = rows(store, "webhook_events")
     queue.connection.flushdb()  # Redis restarted without its data
     age(store, event["event_key"], settings.queued_stale_seconds + 1)
@@ -117,8 +127,11 @@ def test_queued_event_whose_job_vanished_is_queued_again(
     assert len(graph.request_history) == 1
 
 
-def test_queued_event_waiting_for_its_retry_is_left_alone(post, store, queue, settings):
+def test_queued_event_waiting_for_its_retry_is_left_alone(
+    post, relay, store, queue, settings
+):
     post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    relay()
     [event] = rows(store, "webhook_events")
     store.release(event["event_key"], "retried", retry_in=3600)
     age(store, event["event_key"], settings.queued_stale_seconds + 1)
@@ -127,9 +140,10 @@ def test_queued_event_waiting_for_its_retry_is_left_alone(post, store, queue, se
 
 
 def test_failed_job_whose_callback_never_ran_is_copied_to_dead_letter_once(
-    post, store, queue, settings
+    post, relay, store, queue, settings
 ):
     post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    relay()
     [event] = rows(store, "webhook_events")
     job = Job.fetch(event["job_id"], connection=queue.connection)
     FailedJobRegistry(queue=queue).add(job, ttl=60, exc_string="JobTimeoutException")
@@ -145,9 +159,10 @@ def test_failed_job_whose_callback_never_ran_is_copied_to_dead_letter_once(
 
 
 def test_failed_job_expired_before_anyone_copied_it_is_not_lost(
-    post, store, queue, settings, work, graph
+    post, relay, store, queue, settings, work, graph
 ):
     post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    relay()
     [event] = rows(store, "webhook_events")
     Job.fetch(
         event["job_id"], connection=queue.connection
@@ -161,9 +176,10 @@ def test_failed_job_expired_before_anyone_copied_it_is_not_lost(
 
 
 def test_failed_job_superseded_by_a_later_one_leaves_the_registry(
-    post, store, queue, settings, work, graph
+    post, relay, store, queue, settings, work, graph
 ):
     post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    relay()
     [event] = rows(store, "webhook_events")
     old = Job.fetch(event["job_id"], connection=queue.connection)
     work()
@@ -176,9 +192,10 @@ def test_failed_job_superseded_by_a_later_one_leaves_the_registry(
 
 
 def test_stalled_event_whose_old_job_failed_unrecorded_is_dead_lettered(
-    post, store, queue, settings
+    post, relay, store, queue, settings
 ):
     post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    relay()
     [event] = rows(store, "webhook_events")
     job = Job.fetch(event["job_id"], connection=queue.connection)
     queue.remove(job)
@@ -192,3 +209,143 @@ def test_stalled_event_whose_old_job_failed_unrecorded_is_dead_lettered(
     [dead] = rows(store, "dead_letter")
     assert dead["reason"] in ("timeout", "internal_error")
     assert queue.count == 0  # dead-lettered, not queued again
+
+
+# -- the relay ---------------------------------------------------------------
+
+
+def queue_at(settings, redis_url):
+    """A queue like the worker's, on another Redis."""
+    return queueing.get_queue(dataclasses.replace(settings, redis_url=redis_url))
+
+
+def queued_rows(store):
+    return rows(store, "audit_log", "action = 'queued'")
+
+
+def test_relay_called_again_queues_nothing_more(store, queue, relay):
+    keys = stored_but_not_queued(store, 3)
+
+    assert relay() == 3
+    assert relay() == 0
+
+    assert queue.count == 3
+    assert sorted(r["event_key"] for r in queued_rows(store)) == sorted(keys)
+    assert sorted(queue.job_ids) == sorted(store.get_event(k)["job_id"] for k in keys)
+
+
+def test_two_relays_racing_never_queue_one_event_twice(
+    env, store, queue, settings, monkeypatch
+):
+    monkeypatch.setattr(reconciler, "BATCH", 7)  # many small turns, interleaved
+    keys = stored_but_not_queued(store, 150)
+    # Two Store objects on one file: what two worker processes have.
+    relays = [storage.Store(env["DATABASE_PATH"]) for _ in range(2)]
+    start = threading.Barrier(len(relays))
+    counts = [0] * len(relays)
+
+    def run(i):
+        start.wait()
+        while True:
+            taken = reconciler.relay_received(relays[i], queue, settings)
+            counts[i] += taken
+            if not taken:
+                return
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(relays))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert sum(counts) == len(keys)
+    assert queue.count == len(keys)
+    assert sorted(r["event_key"] for r in queued_rows(store)) == sorted(keys)
+    events = [store.get_event(key) for key in keys]
+    assert {e["status"] for e in events} == {"queued"}
+    assert sorted(queue.job_ids) == sorted(e["job_id"] for e in events)
+
+
+def test_relay_leaves_the_event_received_when_redis_refuses(
+    store, queue, settings, relay
+):
+    from conftest import free_port
+
+    [key] = stored_but_not_queued(store)
+    away = queue_at(settings, f"redis://127.0.0.1:{free_port()}/0")
+
+    with pytest.raises(RedisError):
+        reconciler.relay_received(store, away, settings)
+
+    event = store.get_event(key)
+    assert (event["status"], event["job_id"]) == ("received", None)
+    assert [a["action"] for a in store.audit_trail(key)] == [
+        "received",
+        "queued",
+        "not_queued",
+    ]
+    # The next look that reaches Redis queues it.
+    assert relay() == 1
+    assert queue.job_ids == [store.get_event(key)["job_id"]]
+
+
+def test_relay_warns_once_while_redis_is_away_and_queues_when_it_is_back(
+    store, settings, caplog
+):
+    from conftest import free_port, throwaway_redis_argv, wait_for
+
+    keys = stored_but_not_queued(store, 2)
+    port = free_port()
+    queue = queue_at(settings, f"redis://127.0.0.1:{port}/0")
+    relay = reconciler.Relay(store, queue, settings)
+    caplog.set_level("INFO", logger="reconciler")
+
+    assert [relay.look() for _ in range(5)] == [0] * 5
+
+    warnings = [
+        r for r in caplog.records if r.name == "reconciler" and r.levelname == "WARNING"
+    ]
+    assert len(warnings) == 1 and "Redis unavailable" in warnings[0].getMessage()
+    # It only pinged: no event was marked and unmarked meanwhile.
+    for key in keys:
+        assert store.get_event(key)["status"] == "received"
+        assert [a["action"] for a in store.audit_trail(key)] == ["received"]
+
+    redis = subprocess.Popen(throwaway_redis_argv(port), stdout=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: _pings(queue))
+        assert relay.look() == 2
+        assert queue.count == 2
+    finally:
+        redis.terminate()
+        redis.wait(10)
+    assert "Redis is back" in caplog.text
+    assert {store.get_event(key)["status"] for key in keys} == {"queued"}
+
+
+def _pings(queue):
+    try:
+        return queue.connection.ping()
+    except RedisError:
+        return False
+
+
+def test_relay_thread_queues_a_posted_event_within_a_moment(
+    post, store, queue, settings
+):
+    from conftest import wait_for
+
+    relay = reconciler.Relay(store, queue, settings)
+    relay.start()
+    try:
+        post(payloads.delivery(payloads.text_message(payloads.new_id())))
+
+        assert wait_for(lambda: queue.count == 1, seconds=2)
+    finally:
+        relay.stop()
+        relay.join(5)
+
+    [event] = rows(store, "webhook_events")
+    assert event["status"] == "queued"
+    assert queue.job_ids == [event["job_id"]]
+    assert not relay.is_alive()

@@ -16,6 +16,8 @@ import payloads
 import pytest
 from conftest import free_port, throwaway_redis_argv, wait_for
 from graph_stub import GraphStub
+from redis import Redis
+from rq.worker import Worker
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINAL = ("done", "ignored", "dead")
@@ -124,7 +126,9 @@ class Stack:
         return "".join(p.read_text(errors="replace") for p in self.tmp.glob("*.log"))
 
     def close(self):
-        for proc in list(self.procs.values()):
+        # Redis last, as launcher.py does: a worker waits for Redis to stop.
+        procs = sorted(self.procs.items(), key=lambda item: item[0] == "redis")
+        for _, proc in procs:
             if proc.poll() is None:
                 proc.terminate()
                 try:
@@ -172,7 +176,13 @@ def test_redis_stopped_during_a_burst_loses_nothing(stack, graph):
     for i, sender in enumerate(senders):
         if i == 10:
             stack.stop_redis()
+            assert wait_for(lambda: "relay: Redis unavailable" in stack.logs())
         if i == 20:
+            # Stored while Redis was away, waiting for it: none marked queued.
+            waiting = stack.query(
+                "SELECT status FROM webhook_events ORDER BY id LIMIT -1 OFFSET 10"
+            )
+            assert [row["status"] for row in waiting] == ["received"] * 10
             stack.start_redis()  # empty: whatever was queued before is gone
         statuses.append(stack.post(payloads.delivery(payloads.text_message(sender))))
 
@@ -181,7 +191,7 @@ def test_redis_stopped_during_a_burst_loses_nothing(stack, graph):
     assert wait_for(lambda: stack.all_final(30), seconds=60), stack.statuses()
     assert_each_event_ended_once(stack, graph, senders)
     assert [len(graph.successes_to(s)) for s in senders] == [1] * 30
-    assert "relay" in stack.logs()
+    assert "relay: Redis is back" in stack.logs()
 
 
 def test_worker_started_before_redis_waits_for_it(tmp_path, graph):
@@ -311,3 +321,106 @@ def test_every_graph_failure_ends_done_or_dead_with_one_send_at_most(stack, grap
         for n in ("token_expired", "person_unavailable", "outside_window")
     ] == [1, 1, 1]
     assert len(graph.calls_to(senders["always_failing"])) == 4
+
+
+# -- the worker's threads ------------------------------------------------------
+
+
+def thread_nice_values(pid):
+    """The nice value of each thread of a process."""
+    values = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as f:
+            values.append(int(f.read().rpartition(")")[2].split()[16]))
+    return values
+
+
+def most_at_once(calls, seconds):
+    """The most calls in flight together, each taken to last `seconds`."""
+    starts = sorted(call["t"] for call in calls)
+    return max(sum(1 for s in starts if s <= t < s + seconds) for t in starts)
+
+
+def test_a_worker_with_three_threads_sends_three_at_once_and_stops_on_sigterm(
+    tmp_path, graph
+):
+    stack = Stack(tmp_path, graph.url, WORKER_THREADS="3", WORKER_NICE="5")
+    try:
+        stack.start_redis()
+        stack.start_web()
+        worker = stack.start_worker()
+        log = tmp_path / "worker0.log"
+        assert wait_for(lambda: log.read_text().count("Listening on") == 3)
+        # Every thread runs below the web, which answers Meta first.
+        nice = min(os.getpriority(os.PRIO_PROCESS, 0) + 5, 19)
+        assert set(thread_nice_values(worker.pid)) == {nice}
+        senders = [payloads.new_id() for _ in range(6)]
+        for sender in senders:
+            graph.script[sender] = [{"sleep": 0.5}]
+
+        batch = payloads.delivery(*(payloads.text_message(s) for s in senders))
+        assert stack.post(batch) == 200
+
+        assert wait_for(lambda: stack.all_final(6), seconds=30), stack.statuses()
+        assert stack.statuses() == ["done"] * 6
+        assert [len(graph.calls_to(s)) for s in senders] == [1] * 6
+        assert most_at_once(graph.calls, 0.5) == 3
+        # rq-dashboard shows one worker per thread.
+        redis = Redis(port=stack.redis_port)
+        assert len(Worker.all(connection=redis)) == 3
+
+        asked = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+
+        assert worker.wait(10) == 0
+        assert time.monotonic() - asked < 4  # idle threads look every second
+        assert Worker.all(connection=redis) == []
+        assert "worker stopped" in log.read_text()
+    finally:
+        stack.close()
+
+
+def test_a_second_sigterm_stops_the_worker_without_waiting_for_its_jobs(
+    tmp_path, graph
+):
+    stack = Stack(tmp_path, graph.url, GRAPH_TIMEOUT_SECONDS="30")
+    try:
+        stack.start_redis()
+        stack.start_web()
+        sender = payloads.new_id()
+        graph.script[sender] = [{"sleep": 20}]  # a send that hangs
+        worker = stack.start_worker()
+        assert stack.post(payloads.delivery(payloads.text_message(sender))) == 200
+        assert wait_for(lambda: graph.calls_to(sender))
+
+        worker.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            worker.wait(1)  # the first one waits for the job in hand
+        asked = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+
+        assert worker.wait(10) == 1
+        assert time.monotonic() - asked < 3
+        assert "stopping now" in stack.logs()
+        assert stack.statuses() == ["queued"]  # the reconciler takes it up later
+    finally:
+        stack.close()
+
+
+def test_sigterm_stops_a_worker_whose_redis_is_away(tmp_path, graph):
+    stack = Stack(tmp_path, graph.url)
+    try:
+        stack.start_redis()
+        worker = stack.start_worker()
+        stack.stop_redis()
+        assert wait_for(lambda: "could not connect to Redis" in stack.logs())
+
+        asked = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+
+        assert worker.wait(8) == 0
+        # No job in hand: the idle threads get worker.SIGN_OFF_SECONDS.
+        assert time.monotonic() - asked < 6
+        assert "worker stopped" in stack.logs()
+    finally:
+        stack.close()

@@ -31,6 +31,9 @@ def test_only_the_required_settings_give_the_documented_defaults():
     assert loaded.reply_cooldown_seconds == 3600
     assert loaded.retry_delays == (10, 30, 60, 300, 900, 1800, 3600)
     assert loaded.queue_name == "instagram-events"
+    assert loaded.worker_processes == 3
+    assert loaded.worker_threads == 4
+    assert loaded.worker_nice == 10
 
 
 def test_every_setting_given_is_read():
@@ -46,6 +49,9 @@ def test_every_setting_given_is_read():
             REPLY_COOLDOWN_SECONDS="60",
             RETRY_DELAYS="1, 2,3",
             RQ_QUEUE="other-queue",
+            WORKER_PROCESSES="1",
+            WORKER_THREADS="64",
+            WORKER_NICE="0",
         )
     )
 
@@ -59,6 +65,9 @@ def test_every_setting_given_is_read():
     assert loaded.reply_cooldown_seconds == 60
     assert loaded.retry_delays == (1, 2, 3)
     assert loaded.queue_name == "other-queue"
+    assert loaded.worker_processes == 1
+    assert loaded.worker_threads == 64
+    assert loaded.worker_nice == 0
 
 
 def test_comma_separated_app_secrets_are_all_kept_for_rotation():
@@ -94,6 +103,13 @@ def test_a_missing_required_setting_is_named(name, value):
         ("GRAPH_API_BASE", "ftp://graph.test", "expected a URL starting with"),
         ("GRAPH_API_BASE", "graph.instagram.com", "expected a URL starting with"),
         ("IG_APP_SECRET", "one,,two", "got an empty one"),
+        ("WORKER_THREADS", "0", "expected at least 1"),
+        ("WORKER_THREADS", "65", "expected at most 64"),
+        ("WORKER_THREADS", "four", "expected a number, got 'four'"),
+        ("WORKER_PROCESSES", "0", "expected at least 1"),
+        ("WORKER_PROCESSES", "2.5", "expected a number"),
+        ("WORKER_NICE", "20", "expected 0 to 19"),
+        ("WORKER_NICE", "-5", "expected at least 0"),
     ],
 )
 def test_a_malformed_setting_is_named_with_what_was_expected(name, value, expected):

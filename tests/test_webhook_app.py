@@ -1,6 +1,9 @@
 """The web side against a real Redis and a temporary SQLite file."""
 
+import re
+import socket
 import sqlite3
+import time
 
 import payloads
 import pytest
@@ -60,23 +63,35 @@ def test_handshake_refuses_a_missing_or_huge_challenge(client):
 # -- deliveries --------------------------------------------------------------
 
 
-def test_signed_message_is_stored_queued_and_answered_200(post, store, queue):
+def test_signed_message_is_stored_answered_200_and_queued_by_the_relay(
+    post, store, queue, relay
+):
     sender = payloads.new_id()
     response = post(payloads.delivery(payloads.text_message(sender, "secret words")))
 
     assert response.status_code == 200
+    assert response.get_json() == {"received": 1, "new": 1}
     [event] = rows(store, "webhook_events")
-    assert (event["kind"], event["status"]) == ("message", "queued")
+    assert (event["kind"], event["status"]) == ("message", "received")
     assert event["account_id"] == payloads.ACCOUNT_ID
     assert event["occurred_at"] and event["received_at"]
     assert "secret words" in event["payload"]
+    # The web stores; it puts nothing on the queue itself.
+    assert event["job_id"] is None
+    assert queue.count == 0
+
+    assert relay() == 1
+
+    [event] = rows(store, "webhook_events")
+    assert event["status"] == "queued"
     assert queue.job_ids == [event["job_id"]]
-    assert event["job_id"].startswith(event["event_key"])
+    assert re.fullmatch(re.escape(event["event_key"]) + "-[0-9a-f]{8}", event["job_id"])
 
 
-def test_job_carries_only_the_event_key(post, queue):
+def test_job_carries_only_the_event_key(post, queue, relay):
     sender = payloads.new_id()
     post(payloads.delivery(payloads.text_message(sender, "my phone is 555-0100")))
+    relay()
 
     [job] = queue.jobs
     assert job.args == (job.id.rsplit("-", 1)[0],)
@@ -96,7 +111,7 @@ def test_job_carries_only_the_event_key(post, queue):
     ],
 )
 def test_bad_signature_gets_401_and_nothing_is_stored(
-    post, store, queue, headers, reason
+    post, store, queue, relay, headers, reason
 ):
     response = post(
         payloads.delivery(payloads.text_message(payloads.new_id())), **headers
@@ -105,6 +120,7 @@ def test_bad_signature_gets_401_and_nothing_is_stored(
     assert response.status_code == 401
     assert reason in response.get_json()["error"]
     assert rows(store, "webhook_events") == []
+    assert relay() == 0
     assert queue.count == 0
     assert [r["action"] for r in rows(store, "audit_log")] == ["rejected_delivery"]
 
@@ -139,31 +155,39 @@ def test_a_rotated_secret_still_passes(env, monkeypatch):
     assert response.status_code == 200
 
 
-def test_same_delivery_twice_is_stored_and_queued_once(post, store, queue):
+def test_same_delivery_twice_is_stored_and_queued_once(post, store, queue, relay):
     delivery = payloads.delivery(payloads.text_message(payloads.new_id()))
 
     assert post(delivery).status_code == 200
-    assert post(delivery).status_code == 200
+    assert relay() == 1
+    again = post(delivery)
+    assert relay() == 0
 
-    assert len(rows(store, "webhook_events")) == 1
+    assert again.status_code == 200
+    assert again.get_json() == {"received": 1, "new": 0}
+    [event] = rows(store, "webhook_events")
     assert queue.count == 1
-    actions = [r["action"] for r in rows(store, "audit_log")]
+    actions = [step["action"] for step in store.audit_trail(event["event_key"])]
     assert actions == ["received", "queued", "duplicate"]
 
 
-def test_event_redelivered_in_another_batch_is_not_stored_again(post, store, queue):
+def test_event_redelivered_in_another_batch_is_not_stored_again(
+    post, store, queue, relay
+):
     first = payloads.text_message(payloads.new_id())
     second = payloads.text_message(payloads.new_id())
     post(payloads.delivery(first))
+    relay()
 
     response = post(payloads.delivery(second, first))
 
     assert response.get_json() == {"received": 2, "new": 1}
     assert len(rows(store, "webhook_events")) == 2
+    assert relay() == 1
     assert queue.count == 2
 
 
-def test_mixed_batch_stores_every_event_with_its_kind(post, store, queue):
+def test_mixed_batch_stores_every_event_with_its_kind(post, store, queue, relay):
     user = payloads.new_id()
     mid = payloads.new_mid()
     delivery = {
@@ -190,13 +214,16 @@ def test_mixed_batch_stores_every_event_with_its_kind(post, store, queue):
     assert kinds == sorted(
         ["message", "reaction", "read", "echo", "comment", "mention", "standby"]
     )
+    assert relay() == 7
     assert queue.count == 7
 
 
 @pytest.mark.parametrize(
     "raw", [b"not json", b"[1, 2]", b'{"object": "instagram"}', b""]
 )
-def test_signed_but_unreadable_body_is_kept_in_dead_letter(post, store, queue, raw):
+def test_signed_but_unreadable_body_is_kept_in_dead_letter(
+    post, store, queue, relay, raw
+):
     response = post(raw)
 
     assert response.status_code == 200
@@ -204,10 +231,15 @@ def test_signed_but_unreadable_body_is_kept_in_dead_letter(post, store, queue, r
     assert dead["reason"] == "unparseable"
     [event] = rows(store, "webhook_events")
     assert event["payload"] == raw.decode()
+    assert relay() == 0  # nothing to work: a retry would not make it readable
     assert queue.count == 0
+    actions = [step["action"] for step in store.audit_trail(event["event_key"])]
+    assert actions == ["received", "dead_lettered"]
 
 
-def test_redis_down_still_stores_the_event_and_answers_200(env, monkeypatch):
+def test_redis_down_still_stores_the_event_and_the_relay_queues_it_later(
+    env, monkeypatch, relay, queue
+):
     from conftest import free_port
 
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
@@ -219,6 +251,37 @@ def test_redis_down_still_stores_the_event_and_answers_200(env, monkeypatch):
     )
 
     assert response.status_code == 200
+    assert response.get_json() == {"received": 1, "new": 1}
+    [event] = rows(app.extensions["store"], "webhook_events")
+    assert event["status"] == "received"
+
+    # Redis answers the worker's relay again: the stored event goes on the queue.
+    assert relay() == 1
+    [event] = rows(app.extensions["store"], "webhook_events")
+    assert event["status"] == "queued"
+    assert queue.job_ids == [event["job_id"]]
+
+
+def test_a_redis_that_hangs_does_not_delay_the_answer(env, monkeypatch):
+    # Accepts connections and never answers: any Redis command would wait
+    # for its socket timeout (seconds) before failing.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        monkeypatch.setenv(
+            "REDIS_URL", f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        )
+        app = create_app()
+        raw = payloads.body(payloads.delivery(payloads.text_message(payloads.new_id())))
+        started = time.monotonic()
+
+        response = app.test_client().post(
+            HANDSHAKE, data=raw, headers=payloads.signed_headers(raw)
+        )
+        took = time.monotonic() - started
+
+    assert response.status_code == 200
+    assert took < 1.0
     [event] = rows(app.extensions["store"], "webhook_events")
     assert event["status"] == "received"
 
@@ -284,6 +347,20 @@ def test_delivery_logs_hold_no_text_sender_or_secrets(post, caplog):
         payloads.ACCESS_TOKEN,
     ):
         assert secret not in text
+
+
+def test_a_stored_delivery_is_logged_only_at_debug(post, caplog):
+    caplog.set_level("INFO")
+    first = post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    assert first.status_code == 200
+    assert [r for r in caplog.records if r.name == "webhook_app"] == []
+
+    caplog.set_level("DEBUG")
+    second = post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    assert second.status_code == 200
+    lines = [r for r in caplog.records if r.name == "webhook_app"]
+    assert lines and {r.levelname for r in lines} == {"DEBUG"}
+    assert "1 events, 1 new, 0 duplicate" in caplog.text
 
 
 def test_full_disk_answers_503_and_stores_nothing(client, store, post):

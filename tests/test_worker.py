@@ -58,7 +58,7 @@ def test_direct_message_gets_one_reply_through_the_send_api(post, work, graph, s
     assert call.timeout == 10.0
     event = event_row(store)
     assert (event["status"], event["reply_message_id"]) == ("done", "m_1")
-    actions = [r["action"] for r in rows(store, "audit_log")]
+    actions = [step["action"] for step in store.audit_trail(event["event_key"])]
     assert actions == ["received", "queued", "replied"]
 
 
@@ -308,8 +308,9 @@ def test_recorded_reply_is_never_sent_again_even_if_the_event_is_reopened(
     assert event_row(store)["outcome"] == "already_replied"
 
 
-def test_event_held_by_another_worker_is_left_alone(post, graph, store, env):
+def test_event_held_by_another_worker_is_left_alone(post, relay, graph, store, env):
     post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    relay()
     key = event_row(store)["event_key"]
     store.start_attempt(key, lease_seconds=60)
 
