@@ -416,11 +416,14 @@ def _lower_priority(nice):
     are stored. Where the kernel groups processes by session (autogroup,
     on by default in many distributions), nice only orders threads inside
     one session, and launcher.py starts each process in a session of its
-    own, so the session's group is lowered as well (sched(7)).
+    own, so the session's group is lowered as well (sched(7)) when the
+    worker leads its session; never a session it shares with others.
     """
     if not nice:
         return
     os.nice(nice)
+    if os.getsid(0) != os.getpid():
+        return  # the session is not ours alone: lowering it would lower others
     try:
         with open("/proc/self/autogroup", "w") as group:
             group.write(str(nice))
