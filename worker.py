@@ -101,9 +101,16 @@ def handle_event(event_key):
     ctx = context()
     try:
         event = ctx.store.start_attempt(event_key, queueing.lease_seconds(ctx.settings))
-    except sqlite3.Error as exc:
-        log.warning("event %s: database busy, retrying: %s", event_key, exc)
-        return _retry(ctx, event_key, 1, GraphAPIError("database busy", transient=True))
+    except (sqlite3.Error, StorageError) as exc:
+        # The attempt never started, and the database may not be able to
+        # record anything now: nothing is written, RQ runs the job again.
+        log.warning(
+            "event %s: database unavailable (%s); trying again in %ds",
+            event_key,
+            exc,
+            DATABASE_RETRY_SECONDS,
+        )
+        return _retry_without_record(event_key)
     if event is None:
         log.info(
             "event %s: nothing to do (already handled, or another worker has it)",
@@ -315,6 +322,20 @@ def _retry(ctx, key, attempt, exc):
     # RQ rounds a due time down to the whole second; one more keeps the
     # wait at least `delay`, as a Retry-After demands.
     return Retry(max=done_before + 1, interval=[delay + 1 if delay else 0])
+
+
+#: While the database cannot start an attempt, the job is tried this often...
+DATABASE_RETRY_SECONDS = 10
+#: ...this many times (an hour), then it fails and the reconciler keeps it.
+DATABASE_RETRIES = 360
+
+
+def _retry_without_record(key):
+    job = get_current_job()
+    done_before = (job.number_of_retries or 0) if job else 0
+    if done_before >= DATABASE_RETRIES:
+        raise StorageError(f"event {key}: the database stayed unavailable")
+    return Retry(max=done_before + 1, interval=[DATABASE_RETRY_SECONDS])
 
 
 # -- failures ----------------------------------------------------------------

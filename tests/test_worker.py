@@ -10,7 +10,7 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 
 import queueing
 import worker
-from errors import GraphAPIError
+from errors import GraphAPIError, StorageError
 
 SEND_URL = f"{GRAPH_BASE}/v24.0/{payloads.ACCOUNT_ID}/messages"
 
@@ -469,3 +469,37 @@ def test_an_unexpected_error_is_dead_lettered_as_internal_error(
     work()
 
     assert rows(store, "dead_letter")[0]["reason"] == "internal_error"
+
+
+def test_a_database_that_cannot_start_the_attempt_is_tried_again_not_buried(
+    post, work, graph, store, queue, monkeypatch
+):
+    """A storage failure at the start of a job writes nothing and retries later."""
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    real_start = worker.Store.start_attempt
+
+    def unavailable(self, key, lease):
+        raise StorageError("cannot open the database at DATABASE_PATH: disk gone")
+
+    monkeypatch.setattr(worker.Store, "start_attempt", unavailable)
+    work()
+
+    registry = ScheduledJobRegistry(queue=queue)
+    [job_id] = registry.get_job_ids()
+    waits = queue.connection.zscore(registry.key, job_id) - time.time()
+    assert 0 < waits <= worker.DATABASE_RETRY_SECONDS
+    assert rows(store, "dead_letter") == []
+    assert event_row(store)["status"] == "queued"
+    assert event_row(store)["attempts"] == 0
+    assert sends(graph) == []
+
+    # The database is back and the retry is due: one reply, nothing buried.
+    monkeypatch.setattr(worker.Store, "start_attempt", real_start)
+    queue.connection.zadd(registry.key, {job_id: 0})
+    worker.EventWorker([queue], connection=queue.connection).work(
+        burst=True, with_scheduler=True
+    )
+
+    assert event_row(store)["status"] == "done"
+    assert len(sends(graph)) == 1
+    assert rows(store, "dead_letter") == []
