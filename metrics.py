@@ -68,7 +68,7 @@ GRAPH_LATENCY = Histogram(
 
 
 class StateCollector:
-    """Figures read when scraped: queue depth and open dead letters."""
+    """Figures read when scraped: queue depth, events waiting, open dead letters."""
 
     def __init__(self, store, queue):
         self.store, self.queue = store, queue
@@ -82,6 +82,16 @@ class StateCollector:
         except Exception:
             depth.add_metric([], -1)
         yield depth
+
+        waiting = GaugeMetricFamily(
+            PREFIX + "events_waiting",
+            "Events stored but not yet queued by a worker's relay (-1: unknown).",
+        )
+        try:
+            waiting.add_metric([], self.store.waiting_for_queue())
+        except Exception:
+            waiting.add_metric([], -1)
+        yield waiting
 
         dead = GaugeMetricFamily(
             PREFIX + "dead_letters_open", "Dead letters waiting for an operator."

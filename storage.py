@@ -312,6 +312,14 @@ class Store:
             )
             self.audit(key, action, detail)
 
+    def waiting_for_queue(self, older_than_seconds=0.0):
+        """Count events stored but not queued yet, received over this long ago."""
+        return self.db.execute(
+            "SELECT COUNT(*) FROM webhook_events"
+            " WHERE status = 'received' AND received_at < ?",
+            (now_iso(-older_than_seconds),),
+        ).fetchone()[0]
+
     def checkpoint(self):
         """Copy what the write-ahead log holds into the database file."""
         self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")

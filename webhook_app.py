@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("webhooks", __name__)
 
 MAX_CHALLENGE_LENGTH = 256
+#: /readyz says the relay is behind when a stored event waits this long.
+RELAY_LATE_SECONDS = 30
 
 
 def create_app(config=None):
@@ -189,6 +191,7 @@ def readyz():
         "redis": _check_redis(),
         "database": _check_database(),
         "graph_token": _check_token(),
+        "relay": _check_relay(),
     }
     ready = all(value == "ok" for value in checks.values())
     return jsonify(status="ready" if ready else "not ready", checks=checks), (
@@ -211,6 +214,20 @@ def _check_database():
         conn.execute("ROLLBACK")
     except (sqlite3.Error, StorageError) as exc:
         return f"not writable ({exc})"
+    return "ok"
+
+
+def _check_relay():
+    """Say whether stored events reach the queue: a worker's relay takes them."""
+    try:
+        late = _store().waiting_for_queue(RELAY_LATE_SECONDS)
+    except (sqlite3.Error, StorageError):
+        return "unknown (database unreadable)"
+    if late:
+        return (
+            f"behind: {late} events stored over {RELAY_LATE_SECONDS} s ago are"
+            " not queued yet; is a worker running, and does Redis answer?"
+        )
     return "ok"
 
 

@@ -10,6 +10,7 @@ from conftest import GRAPH_BASE, free_port
 
 import logs
 import queueing
+import storage
 from webhook_app import create_app
 
 SEND_URL = f"{GRAPH_BASE}/v24.0/{payloads.ACCOUNT_ID}/messages"
@@ -21,8 +22,34 @@ def test_readyz_is_ready_when_redis_database_and_token_are_fine(client):
     assert response.status_code == 200
     assert response.get_json() == {
         "status": "ready",
-        "checks": {"redis": "ok", "database": "ok", "graph_token": "ok"},
+        "checks": {
+            "redis": "ok",
+            "database": "ok",
+            "graph_token": "ok",
+            "relay": "ok",
+        },
     }
+
+
+def test_readyz_says_the_relay_is_behind_when_stored_events_wait(
+    client, post, store, relay, monkeypatch
+):
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    # Fresh events are only on their way: a worker's relay takes them soon.
+    assert client.get("/readyz").status_code == 200
+
+    store.db.execute(  # as if no worker had run for a minute
+        "UPDATE webhook_events SET received_at = ?", (storage.now_iso(-60),)
+    )
+    response = client.get("/readyz")
+
+    assert response.status_code == 503
+    relay_check = response.get_json()["checks"]["relay"]
+    assert relay_check.startswith("behind: 1 events")
+    assert "worker" in relay_check
+
+    relay()
+    assert client.get("/readyz").status_code == 200
 
 
 def test_readyz_names_an_unreachable_redis(env, monkeypatch):
@@ -150,9 +177,14 @@ def test_metrics_show_the_queue_depth(client, post, relay):
             payloads.text_message(payloads.new_id()),
         )
     )
+    text = client.get("/metrics").get_data(as_text=True)
+    assert metric(text, "ig_webhooks_events_waiting") == 2
+    assert metric(text, "ig_webhooks_queue_depth") == 0
+
     relay()
     text = client.get("/metrics").get_data(as_text=True)
     assert metric(text, "ig_webhooks_queue_depth") == 2
+    assert metric(text, "ig_webhooks_events_waiting") == 0
 
 
 def test_metrics_token_guards_the_page_when_set(env, monkeypatch):
