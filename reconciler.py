@@ -263,8 +263,13 @@ class Relay(threading.Thread):
             self.look()
 
     def look(self):
-        """Queue what is waiting, if Redis answers; return how many."""
+        """Queue what is waiting, if Redis answers; return how many.
+
+        An idle look is one read: no write lock taken from the web, no ping.
+        """
         try:
+            if not self.store.anything_to_queue():
+                return 0
             self.queue.connection.ping()
             relayed = relay_received(self.store, self.queue, self.settings)
         except RedisError as exc:

@@ -312,6 +312,14 @@ class Store:
             )
             self.audit(key, action, detail)
 
+    def anything_to_queue(self):
+        """Tell, with a read that takes no lock, whether an event waits to be queued."""
+        return bool(
+            self.db.execute(
+                "SELECT EXISTS (SELECT 1 FROM webhook_events WHERE status = 'received')"
+            ).fetchone()[0]
+        )
+
     def waiting_for_queue(self, older_than_seconds=0.0):
         """Count events stored but not queued yet, received over this long ago."""
         return self.db.execute(

@@ -176,6 +176,8 @@ def test_redis_stopped_during_a_burst_loses_nothing(stack, graph):
     for i, sender in enumerate(senders):
         if i == 10:
             stack.stop_redis()
+        if i == 11:
+            # An idle relay asks nothing of Redis; one with an event to queue does.
             assert wait_for(lambda: "relay: Redis unavailable" in stack.logs())
         if i == 20:
             # Stored while Redis was away, waiting for it: none marked queued.
