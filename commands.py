@@ -564,7 +564,7 @@ def events_list(kind, status, older_than, newer_than, limit):
 def events_show(key, payload):
     """Show one event, its dead letter if any, and every step of its life."""
     store = _store()
-    event = store.get_event(key.strip())
+    event = store.find_event(key.strip())
     if event is None:
         _fail(f"no event with key {_short(key, 40)!r}")
     key = event["event_key"]

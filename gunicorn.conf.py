@@ -29,4 +29,4 @@ def post_worker_init(worker):
     """Checkpoint SQLite's write-ahead log in the background of each worker."""
     store = getattr(worker.wsgi, "extensions", {}).get("store")
     if store is not None:  # bench/ceiling_app.py, served with this file, has none
-        store.start_checkpoints()
+        store.start_checkpoints(web=True)

@@ -211,11 +211,12 @@ class Launcher:
         )
 
     def _spawn(self, name, argv, env=None):
-        # A session of its own: Ctrl-C reaches only this launcher, which then
-        # stops the processes in order instead of all at once.
-        self.procs[name] = subprocess.Popen(
-            argv, cwd=HERE, env=env, start_new_session=True
-        )
+        # A process group of its own: Ctrl-C reaches only this launcher, which
+        # then stops the processes in order instead of all at once. Not a
+        # session of its own: where the kernel groups processes by session
+        # for the CPU (autogroup), nice only ranks processes of one session,
+        # and the workers' niceness must rank them below the web.
+        self.procs[name] = subprocess.Popen(argv, cwd=HERE, env=env, process_group=0)
         log.info("started %s (pid %d)", name, self.procs[name].pid)
 
     def watch(self):
@@ -262,7 +263,7 @@ class Launcher:
                     proc.wait()
                 log.info("%s stopped", name)
             for proc in procs.values():
-                # Each process leads a group of its own (start_new_session).
+                # Each process leads a group of its own (process_group=0).
                 kill_leftovers(proc.pid)
 
 

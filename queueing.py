@@ -73,6 +73,16 @@ def wait_for_send_slot(connection, settings, clock=time.time, sleep=time.sleep):
         sleep(wait)
 
 
+#: A relay that has events to queue says so in Redis for this long; /readyz
+#: reports events that wait with no relay at work.
+RELAY_HEARTBEAT_SECONDS = 15
+
+
+def relay_heartbeat_key(settings):
+    """Return the Redis key a relay at work keeps alive."""
+    return f"{settings.queue_name}:relay-at-work"
+
+
 def job_timeout(settings):
     """Seconds a job may run (RQ stops it then): two Graph calls, a long lock wait."""
     return int(2 * settings.graph_timeout_seconds + 30)

@@ -36,6 +36,12 @@ INTERVAL_SECONDS = 5
 #: between its delivery's answer and its job. A look is one indexed query.
 RELAY_INTERVAL_SECONDS = 0.1
 BATCH = 500
+#: The relay keeps at most about this many jobs on the queue (several relays
+#: looking together may each add a batch). The rest of a backlog waits in
+#: SQLite, where it costs nothing: a flood of deliveries is not turned into
+#: Redis jobs while the web still needs the CPU, and Redis holds a bounded
+#: amount of work. At 100 replies a second this is five seconds of work.
+QUEUE_AHEAD = 500
 LIVE_STATUSES = {
     JobStatus.QUEUED,
     JobStatus.SCHEDULED,
@@ -45,27 +51,41 @@ LIVE_STATUSES = {
 }
 
 
-def run_pass(store, queue, settings):
-    """Run one reconciliation pass; return what it did, by kind."""
+def run_pass(store, queue, settings, relay_all=False):
+    """Run one reconciliation pass; return what it did, by kind.
+
+    It relays what the queue has room for, or every waiting event with
+    ``relay_all`` (worker --burst).
+    """
     return {
-        "relayed": relay_received(store, queue, settings),
+        "relayed": relay_received(
+            store, queue, settings, None if relay_all else queue_room(queue)
+        ),
         "abandoned": retry_abandoned(store, queue, settings),
         "stalled": requeue_stalled(store, queue, settings),
         "failed": sync_failed_jobs(store, queue, settings),
     }
 
 
-def relay_received(store, queue, settings):
-    """Queue every event stored but not queued yet; return how many.
+def queue_room(queue):
+    """Return how many more jobs the relay may put on the queue now."""
+    return max(0, QUEUE_AHEAD - queue.count)
 
-    SQLite first: the events are marked 'queued' with their job ids, then
+
+def relay_received(store, queue, settings, most=None):
+    """Queue events stored but not queued yet, up to ``most``; return how many.
+
+    Events move from the inbox first (Store.move_inbox). SQLite comes
+    before Redis: the events are marked 'queued' with their job ids, then
     the jobs are enqueued, so a job never runs before its event knows it.
     Relays of several worker processes never take the same event. If Redis
     refuses the jobs, the events go back to 'received' for the next look.
     """
     total = 0
-    while True:
-        taken = store.take_for_queue(BATCH, "by the relay")
+    while most is None or total < most:
+        want = BATCH if most is None else min(BATCH, most - total)
+        store.move_inbox(want)
+        taken = store.take_for_queue(want, "by the relay")
         if taken:
             job_ids = {key: job_id for key, _, job_id in taken}
             try:
@@ -77,8 +97,9 @@ def relay_received(store, queue, settings):
                 raise
             log.debug("relay: queued %d events", len(taken))
         total += len(taken)
-        if len(taken) < BATCH:
-            return total
+        if len(taken) < want:
+            break
+    return total
 
 
 def retry_abandoned(store, queue, settings):
@@ -270,8 +291,8 @@ class Relay(threading.Thread):
         try:
             if not self.store.anything_to_queue():
                 return 0
-            self.queue.connection.ping()
-            relayed = relay_received(self.store, self.queue, self.settings)
+            room = self._room_and_heartbeat()
+            relayed = relay_received(self.store, self.queue, self.settings, room)
         except RedisError as exc:
             if not self.redis_down:
                 log.warning(
@@ -290,6 +311,21 @@ class Relay(threading.Thread):
             log.info("relay: Redis is back; queueing stored events")
             self.redis_down = False
         return relayed
+
+    def _room_and_heartbeat(self):
+        """Return the queue's room, and tell /readyz a relay is at work.
+
+        One round trip, which also finds out whether Redis answers.
+        """
+        pipe = self.queue.connection.pipeline(transaction=False)
+        pipe.llen(self.queue.key)
+        pipe.set(
+            queueing.relay_heartbeat_key(self.settings),
+            "1",
+            ex=queueing.RELAY_HEARTBEAT_SECONDS,
+        )
+        waiting, _ = pipe.execute()
+        return max(0, QUEUE_AHEAD - waiting)
 
     def stop(self):
         self.stopped.set()

@@ -50,7 +50,7 @@ class Settings:
     worker_processes: int = 3
     worker_threads: int = 4
     #: Niceness the worker processes run at: the web answers Meta first.
-    worker_nice: int = 10
+    worker_nice: int = 19
     #: Retry a send whose outcome is unknown (it may have gone out).
     retry_uncertain_sends: bool = True
     #: A queued event untouched this long past its due time is queued again.

@@ -46,8 +46,35 @@ FINAL_STATUSES = ("done", "ignored", "dead")
 #: (Store.start_checkpoints); this larger bound (about 40 MB) is a backstop.
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 CHECKPOINT_INTERVAL_SECONDS = 0.2
+#: The web deletes inbox rows the relay has moved this often.
+INBOX_CLEAN_SECONDS = 1.0
 #: The lock file writers take turns with sits beside the database file.
 WRITE_LOCK_SUFFIX = "-writer.lock"
+#: The inbox (see Inbox) sits beside the main database file.
+INBOX_SUFFIX = "-inbox"
+INBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbox_events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: moves go by id
+    event_key   TEXT NOT NULL UNIQUE,
+    kind        TEXT NOT NULL,
+    account_id  TEXT NOT NULL DEFAULT '',
+    occurred_at TEXT,
+    received_at TEXT NOT NULL,
+    payload     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS inbox_info (
+    id TEXT NOT NULL  -- this file's own id: the main database keeps its marks by it
+);
+CREATE TABLE IF NOT EXISTS inbox_audit (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_key TEXT,
+    action    TEXT NOT NULL,
+    detail    TEXT NOT NULL DEFAULT '',
+    at        TEXT NOT NULL
+);
+"""
+#: Keys looked up per query when a delivery is checked for known events.
+KEYS_PER_QUERY = 500
 WRITE_LOCK_FIRST_PAUSE = 0.00005
 WRITE_LOCK_LONGEST_PAUSE = 0.002
 
@@ -65,6 +92,14 @@ MIGRATIONS = (
         "CREATE INDEX IF NOT EXISTS webhook_events_received"
         " ON webhook_events (received_at);"
         " CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);",
+    ),
+    (
+        3,
+        # How far the relay has moved each inbox (Store.move_inbox).
+        "CREATE TABLE IF NOT EXISTS inbox_moved ("
+        " inbox TEXT PRIMARY KEY,"
+        " events INTEGER NOT NULL DEFAULT 0,"
+        " audit INTEGER NOT NULL DEFAULT 0);",
     ),
 )
 #: The version init_schema brings every database to.
@@ -90,8 +125,11 @@ def parse_iso(text):
     return datetime.fromisoformat(text) if text else None
 
 
-class Store:
-    """One SQLite file, one connection per thread and process."""
+class _Database:
+    """One SQLite file in WAL mode: a connection per thread and process.
+
+    Writers take turns through a lock file beside it (see the module doc).
+    """
 
     def __init__(self, path, busy_timeout=None):
         self.path = path
@@ -172,6 +210,63 @@ class Store:
                 time.sleep(pause)
                 pause = min(pause * 2, WRITE_LOCK_LONGEST_PAUSE)
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """Run a block as one write transaction that waits for the write lock."""
+        conn = self.db.conn
+        with self._writer_turn():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def checkpoint(self):
+        """Copy what the write-ahead log holds into the database file."""
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+
+class Inbox(_Database):
+    """The file deliveries are stored in, written only by the web and the relay.
+
+    The web answers Meta once the events are here; a worker's relay moves
+    them into the main database (Store.move_inbox) within a tenth of a
+    second. The web never waits for a worker's write lock this way.
+    """
+
+    def init_schema(self):
+        """Create the inbox's tables if they are missing."""
+        try:
+            with self.transaction() as db:
+                db.executescript(INBOX_SCHEMA)
+                db.execute(
+                    "INSERT INTO inbox_info (id) SELECT lower(hex(randomblob(8)))"
+                    " WHERE NOT EXISTS (SELECT 1 FROM inbox_info)"
+                )
+        except sqlite3.Error as exc:
+            raise StorageError(
+                f"cannot create the inbox at {self.path}: {exc}"
+            ) from exc
+
+    def identity(self):
+        """Return this inbox file's id: a new file starts its marks afresh."""
+        return self.db.execute("SELECT id FROM inbox_info").fetchone()[0]
+
+
+class Store(_Database):
+    """The service's database: the main file, and the inbox beside it."""
+
+    def __init__(self, path, busy_timeout=None):
+        super().__init__(path, busy_timeout)
+        self.inbox = Inbox(path + INBOX_SUFFIX, busy_timeout)
+
+    def close(self):
+        """Close this thread's connections, if it has any."""
+        super().close()
+        self.inbox.close()
+
     #: The schema version this process found before its first init_schema.
     found_version = None
 
@@ -189,6 +284,7 @@ class Store:
         """
         if self.found_version is None:
             self.found_version = self.schema_version()
+        self.inbox.init_schema()
         before = self.schema_version()
         if before == SCHEMA_VERSION:
             return before, before
@@ -215,54 +311,135 @@ class Store:
             ) from exc
         return before, SCHEMA_VERSION
 
-    @contextlib.contextmanager
-    def transaction(self):
-        """Run a block as one write transaction that waits for the write lock."""
-        conn = self.db.conn
-        with self._writer_turn():
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-
     # -- events ------------------------------------------------------------
 
     def store_events(self, events):
-        """Insert events as 'received'; return those that were new, in order.
+        """Store events in the inbox; return those that were new, in order.
 
-        One INSERT per event tells, through its row count, whether the row is
-        new, so a redelivered event is never stored or queued twice.
+        An event is new when neither the inbox nor the main database knows
+        its key, so a redelivered event is never stored or queued twice.
+        The main database is read while the inbox's write lock is held: the
+        relay copies events into the main database before it deletes them
+        from the inbox, so a stored key is always in one or the other.
         """
         received_at = now_iso()
         new = []
-        with self.transaction() as db:
+        with self.inbox.transaction() as inbox:
+            known = self._known_keys([event.key for event in events])
             for event in events:
-                cursor = db.execute(
-                    "INSERT INTO webhook_events (event_key, kind, status, account_id,"
-                    " occurred_at, received_at, updated_at, payload)"
-                    " VALUES (?, ?, 'received', ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (event_key) DO NOTHING",
-                    (
-                        event.key,
-                        event.kind,
-                        event.account_id,
-                        iso(event.occurred_at),
-                        received_at,
-                        received_at,
-                        event.payload,
-                    ),
+                if event.key not in known:
+                    cursor = inbox.execute(
+                        "INSERT INTO inbox_events (event_key, kind, account_id,"
+                        " occurred_at, received_at, payload) VALUES (?, ?, ?, ?, ?, ?)"
+                        " ON CONFLICT (event_key) DO NOTHING",
+                        (
+                            event.key,
+                            event.kind,
+                            event.account_id,
+                            iso(event.occurred_at),
+                            received_at,
+                            event.payload,
+                        ),
+                    )
+                    if cursor.rowcount == 1:
+                        new.append(event)
+                        continue
+                inbox.execute(
+                    "INSERT INTO inbox_audit (event_key, action, detail, at)"
+                    " VALUES (?, 'duplicate', ?, ?)",
+                    (event.key, event.kind, received_at),
                 )
-                if cursor.rowcount != 1:
-                    self.audit(event.key, "duplicate", event.kind, received_at)
-                    continue
-                # No audit row: the event's own row records its receipt
-                # (audit_trail shows it first). An audit row here cost a
-                # delivery a twelfth of its time.
-                new.append(event)
         return new
+
+    def _known_keys(self, keys):
+        """Return which of these event keys the main database holds."""
+        known = set()
+        for start in range(0, len(keys), KEYS_PER_QUERY):
+            chunk = keys[start : start + KEYS_PER_QUERY]
+            marks = ",".join("?" * len(chunk))
+            known.update(
+                row[0]
+                for row in self.db.execute(
+                    "SELECT event_key FROM webhook_events"
+                    f" WHERE event_key IN ({marks})",
+                    chunk,
+                )
+            )
+        return known
+
+    def _inbox_marks(self, inbox_id):
+        """Return the last inbox event and audit ids moved (0, 0 at first)."""
+        row = self.db.execute(
+            "SELECT events, audit FROM inbox_moved WHERE inbox = ?", (inbox_id,)
+        ).fetchone()
+        return tuple(row) if row else (0, 0)
+
+    def move_inbox(self, limit):
+        """Move up to ``limit`` events, and duplicates' audit rows, from the inbox.
+
+        Moved events become 'received' rows here; return how many. The
+        main database records the last inbox ids it holds, in the same
+        transaction, so each row moves once even when several relays look
+        together or one dies half-way. The inbox is only read: the web
+        deletes moved rows (clean_inbox), so a worker never holds a lock a
+        delivery waits for.
+        """
+        inbox = self.inbox.db
+        with self.transaction() as db:
+            inbox_id = self.inbox.identity()
+            events_mark, audit_mark = self._inbox_marks(inbox_id)
+            events = inbox.execute(
+                "SELECT id, event_key, kind, account_id, occurred_at, received_at,"
+                " payload FROM inbox_events WHERE id > ? ORDER BY id LIMIT ?",
+                (events_mark, limit),
+            ).fetchall()
+            notes = inbox.execute(
+                "SELECT id, event_key, action, detail, at FROM inbox_audit"
+                " WHERE id > ? ORDER BY id LIMIT ?",
+                (audit_mark, limit),
+            ).fetchall()
+            if not events and not notes:
+                return 0
+            db.conn.executemany(
+                "INSERT INTO webhook_events (event_key, kind, status, account_id,"
+                " occurred_at, received_at, updated_at, payload)"
+                " VALUES (?, ?, 'received', ?, ?, ?, ?, ?)"
+                " ON CONFLICT (event_key) DO NOTHING",
+                [
+                    (k, kind, acc, occ, at, at, p)
+                    for _, k, kind, acc, occ, at, p in events
+                ],
+            )
+            db.conn.executemany(
+                "INSERT INTO audit_log (event_key, action, detail, at)"
+                " VALUES (?, ?, ?, ?)",
+                [note[1:] for note in notes],
+            )
+            db.execute(
+                "INSERT INTO inbox_moved (inbox, events, audit) VALUES (?, ?, ?)"
+                " ON CONFLICT (inbox) DO UPDATE SET events = excluded.events,"
+                " audit = excluded.audit",
+                (
+                    inbox_id,
+                    events[-1][0] if events else events_mark,
+                    notes[-1][0] if notes else audit_mark,
+                ),
+            )
+        return len(events)
+
+    def clean_inbox(self):
+        """Delete inbox rows the relay has moved; return how many went.
+
+        Run by the web, the inbox's writer: ids only grow, so every row up
+        to a mark has been moved.
+        """
+        with self.inbox.transaction() as inbox:
+            events_mark, audit_mark = self._inbox_marks(self.inbox.identity())
+            gone = inbox.execute(
+                "DELETE FROM inbox_events WHERE id <= ?", (events_mark,)
+            ).rowcount
+            inbox.execute("DELETE FROM inbox_audit WHERE id <= ?", (audit_mark,))
+        return gone
 
     def unqueue(self, keys):
         """Set events back to 'received' when their jobs never reached Redis."""
@@ -313,38 +490,60 @@ class Store:
             self.audit(key, action, detail)
 
     def anything_to_queue(self):
-        """Tell, with a read that takes no lock, whether an event waits to be queued."""
+        """Tell, with reads that take no lock, whether anything waits for the relay."""
+        events_mark, audit_mark = self._inbox_marks(self.inbox.identity())
         return bool(
-            self.db.execute(
+            self.inbox.db.execute(
+                "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE id > ?)"
+                " OR EXISTS (SELECT 1 FROM inbox_audit WHERE id > ?)",
+                (events_mark, audit_mark),
+            ).fetchone()[0]
+            or self.db.execute(
                 "SELECT EXISTS (SELECT 1 FROM webhook_events WHERE status = 'received')"
             ).fetchone()[0]
         )
 
     def waiting_for_queue(self, older_than_seconds=0.0):
         """Count events stored but not queued yet, received over this long ago."""
-        return self.db.execute(
-            "SELECT COUNT(*) FROM webhook_events"
-            " WHERE status = 'received' AND received_at < ?",
-            (now_iso(-older_than_seconds),),
+        cutoff = now_iso(-older_than_seconds)
+        events_mark, _ = self._inbox_marks(self.inbox.identity())
+        in_inbox = self.inbox.db.execute(
+            "SELECT COUNT(*) FROM inbox_events WHERE id > ? AND received_at < ?",
+            (events_mark, cutoff),
         ).fetchone()[0]
+        return (
+            in_inbox
+            + self.db.execute(
+                "SELECT COUNT(*) FROM webhook_events"
+                " WHERE status = 'received' AND received_at < ?",
+                (cutoff,),
+            ).fetchone()[0]
+        )
 
-    def checkpoint(self):
-        """Copy what the write-ahead log holds into the database file."""
-        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-
-    def start_checkpoints(self, interval=CHECKPOINT_INTERVAL_SECONDS):
+    def start_checkpoints(self, interval=CHECKPOINT_INTERVAL_SECONDS, web=False):
         """Checkpoint every ``interval`` seconds in a background thread.
 
-        Each web and worker process runs one (see WAL_AUTOCHECKPOINT_PAGES).
-        SQLite releases the GIL while it copies, so requests go on meanwhile.
+        Each web and worker process runs one (see WAL_AUTOCHECKPOINT_PAGES),
+        for the file it writes most: the web the inbox, the worker the main
+        database. The web's also deletes moved inbox rows every
+        INBOX_CLEAN_SECONDS. SQLite releases the GIL while it copies, so
+        requests go on meanwhile.
         """
+        checkpoint = self.inbox.checkpoint if web else self.checkpoint
+        clean_inbox_every = INBOX_CLEAN_SECONDS if web else None
 
         def run():
+            cleaned = time.monotonic()
             while True:
                 time.sleep(interval)
                 try:
-                    self.checkpoint()
-                except sqlite3.Error as exc:
+                    if clean_inbox_every and (
+                        time.monotonic() - cleaned >= clean_inbox_every
+                    ):
+                        self.clean_inbox()
+                        cleaned = time.monotonic()
+                    checkpoint()
+                except (sqlite3.Error, StorageError) as exc:
                     log.debug("checkpoint skipped: %s", exc)
 
         thread = threading.Thread(target=run, name="sqlite-checkpoints", daemon=True)
@@ -585,21 +784,30 @@ class Store:
         """Return the steps of one event's life, oldest first.
 
         The first, its receipt, comes from the event's own row (received_at
-        and kind); every later step is a row of audit_log.
+        and kind); every later step is a row of audit_log, or of the inbox
+        for duplicates the relay has not moved yet.
         """
-        event = self.db.execute(
-            "SELECT received_at, kind FROM webhook_events WHERE event_key = ?", [key]
-        ).fetchone()
+        event = self.find_event(key)
         received = []
         if event:
-            at, kind = event
             received.append(
-                {"event_key": key, "action": "received", "detail": kind, "at": at}
+                {
+                    "event_key": key,
+                    "action": "received",
+                    "detail": event["kind"],
+                    "at": event["received_at"],
+                }
             )
         rows = self.db.query(
             "SELECT * FROM audit_log WHERE event_key = ? ORDER BY id", [key]
         )
-        return received + list(rows)
+        _, audit_mark = self._inbox_marks(self.inbox.identity())
+        unmoved = self.inbox.db.query(
+            "SELECT event_key, action, detail, at FROM inbox_audit"
+            " WHERE id > ? AND event_key = ? ORDER BY id",
+            [audit_mark, key],
+        )
+        return received + list(rows) + list(unmoved)
 
     # -- reply cooldown ------------------------------------------------------
 
@@ -641,18 +849,44 @@ class Store:
     def events(
         self, kind=None, status=None, older_than=None, newer_than=None, limit=50
     ):
-        """Return events, newest first, without their payload."""
+        """Return events, newest first, without their payload.
+
+        Events still in the inbox are listed too, as 'received'.
+        """
+        where, params = _filters({"kind": kind}, "received_at", older_than, newer_than)
+        found = []
+        if status in (None, "received"):
+            found = [
+                {column: event[column] for column in _LISTED}
+                for event in self._unmoved_events(where, params, limit)
+            ]
         where, params = _filters(
             {"kind": kind, "status": status}, "received_at", older_than, newer_than
         )
-        return list(
-            self.db.query(
-                "SELECT id, event_key, kind, status, attempts, outcome, occurred_at,"
-                " received_at, updated_at FROM webhook_events"
-                f" WHERE {where} ORDER BY id DESC LIMIT ?",
-                [*params, limit],
-            )
+        found += self.db.query(
+            f"SELECT {', '.join(_LISTED)} FROM webhook_events"
+            f" WHERE {where} ORDER BY id DESC LIMIT ?",
+            [*params, limit],
         )
+        found.sort(key=lambda event: event["received_at"], reverse=True)
+        return found[:limit]
+
+    def find_event(self, key):
+        """Return an event as get_event does, also while it is still in the inbox."""
+        event = self.get_event(key)
+        if event is None:
+            event = next(iter(self._unmoved_events("event_key = ?", [key], 1)), None)
+        return event
+
+    def _unmoved_events(self, where, params, limit):
+        """Return inbox events the relay has not moved, as 'received' event rows."""
+        events_mark, _ = self._inbox_marks(self.inbox.identity())
+        rows = self.inbox.db.query(
+            "SELECT event_key, kind, account_id, occurred_at, received_at, payload"
+            f" FROM inbox_events WHERE id > ? AND {where} ORDER BY id DESC LIMIT ?",
+            [events_mark, *params, limit],
+        )
+        return [{**_NOT_MOVED, **row, "updated_at": row["received_at"]} for row in rows]
 
     def dead_letter_of(self, key):
         """Return the dead-letter row of one event, or None."""
@@ -761,6 +995,34 @@ _PURGE_DELETES = (
     ),
     ("webhook_events", f"DELETE FROM webhook_events WHERE event_key IN ({_PURGEABLE})"),
 )
+
+
+#: The columns `events list` shows.
+_LISTED = (
+    "id",
+    "event_key",
+    "kind",
+    "status",
+    "attempts",
+    "outcome",
+    "occurred_at",
+    "received_at",
+    "updated_at",
+)
+#: What an event still in the inbox has in the columns the inbox lacks.
+_NOT_MOVED = {
+    "id": None,
+    "status": "received",
+    "attempts": 0,
+    "outcome": None,
+    "job_id": None,
+    "next_attempt_at": None,
+    "lease_until": None,
+    "send_started_at": None,
+    "send_uncertain": 0,
+    "reply_message_id": None,
+    "replied_at": None,
+}
 
 
 def _filters(equal, time_column, older_than, newer_than):

@@ -30,6 +30,7 @@ import payloads  # noqa: E402
 
 import events  # noqa: E402
 import launcher  # noqa: E402
+import storage  # noqa: E402
 
 WEBHOOK_PATH = "/webhooks/instagram"
 FINAL = ("done", "ignored", "dead")
@@ -282,19 +283,41 @@ class Deployment:
     # -- the database --------------------------------------------------------
 
     def query(self, sql, params=()):
-        """Run a read query on the service's database; return the rows."""
+        """Run a read query on the service's database; return the rows.
+
+        The inbox is attached as ``inbox``; UNMOVED selects the keys of the
+        events in it that no relay has moved into webhook_events yet.
+        """
         with sqlite3.connect(self.db_path, timeout=30) as db:
+            db.execute(
+                "ATTACH DATABASE ? AS inbox", (self.db_path + storage.INBOX_SUFFIX,)
+            )
             return db.execute(sql, params).fetchall()
 
+    UNMOVED = (
+        "SELECT event_key FROM inbox.inbox_events WHERE id > coalesce(("
+        " SELECT events FROM inbox_moved"
+        " WHERE inbox = (SELECT id FROM inbox.inbox_info)), 0)"
+    )
+
     def statuses(self):
-        """Return {status: count} of stored events."""
-        return dict(
+        """Return {status: count} of stored events, 'received' in the inbox too."""
+        counts = dict(
             self.query("SELECT status, COUNT(*) FROM webhook_events GROUP BY status")
         )
+        [(unmoved,)] = self.query(f"SELECT COUNT(*) FROM ({self.UNMOVED})")
+        if unmoved:
+            counts["received"] = counts.get("received", 0) + unmoved
+        return counts
 
     def event_keys(self):
         """Return every stored event key, duplicates included."""
-        return [row[0] for row in self.query("SELECT event_key FROM webhook_events")]
+        return [
+            row[0]
+            for row in self.query(
+                f"SELECT event_key FROM webhook_events UNION ALL {self.UNMOVED}"
+            )
+        ]
 
 
 def message_key(mid):

@@ -38,8 +38,8 @@ def test_readyz_says_the_relay_is_behind_when_stored_events_wait(
     # Fresh events are only on their way: a worker's relay takes them soon.
     assert client.get("/readyz").status_code == 200
 
-    store.db.execute(  # as if no worker had run for a minute
-        "UPDATE webhook_events SET received_at = ?", (storage.now_iso(-60),)
+    store.inbox.db.execute(  # as if no worker had run for a minute
+        "UPDATE inbox_events SET received_at = ?", (storage.now_iso(-60),)
     )
     response = client.get("/readyz")
 
@@ -50,6 +50,22 @@ def test_readyz_says_the_relay_is_behind_when_stored_events_wait(
 
     relay()
     assert client.get("/readyz").status_code == 200
+
+
+def test_readyz_is_ready_while_a_relay_works_through_a_backlog(
+    client, post, store, queue, settings
+):
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    store.inbox.db.execute(
+        "UPDATE inbox_events SET received_at = ?", (storage.now_iso(-60),)
+    )
+    # A relay that waits for room on a full queue says it is at work.
+    queue.connection.set(queueing.relay_heartbeat_key(settings), "1", ex=15)
+
+    response = client.get("/readyz")
+
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["checks"]["relay"] == "ok"
 
 
 def test_readyz_names_an_unreachable_redis(env, monkeypatch):
@@ -68,7 +84,9 @@ def test_readyz_names_a_database_that_cannot_be_written(env, monkeypatch):
 
     monkeypatch.setattr(storage, "BUSY_TIMEOUT_SECONDS", 0.1)
     app = create_app()
-    blocker = sqlite3.connect(env["DATABASE_PATH"], isolation_level=None)
+    # Deliveries are written to the inbox beside the main file.
+    inbox = env["DATABASE_PATH"] + storage.INBOX_SUFFIX
+    blocker = sqlite3.connect(inbox, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         response = app.test_client().get("/readyz")

@@ -402,3 +402,31 @@ def test_a_graph_message_holding_the_app_secret_is_redacted(client, requests_moc
     error = send_failing(client, requests_mock, status_code=400, json=body)
 
     assert APP_SECRET not in str(error)
+
+
+def test_proxy_and_certificate_settings_of_the_environment_are_used(
+    requests_mock, monkeypatch, tmp_path
+):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.test:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    client = InstagramClient(make_settings())
+    requests_mock.post(MESSAGES_URL, json={"message_id": "mid.proxied"})
+
+    assert client.send_text(USER, "hello") == "mid.proxied"
+
+    sent = requests_mock.last_request
+    assert sent.proxies["https"] == "http://proxy.test:3128"
+    assert sent.verify == str(bundle)
+
+
+def test_no_proxy_excludes_the_graph_api_host(requests_mock, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.test:3128")
+    monkeypatch.setenv("NO_PROXY", "graph.test")
+    client = InstagramClient(make_settings())
+    requests_mock.post(MESSAGES_URL, json={"message_id": "mid.direct"})
+
+    client.send_text(USER, "hello")
+
+    assert not requests_mock.last_request.proxies.get("https")

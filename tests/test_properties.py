@@ -8,7 +8,7 @@ import json
 
 import payloads
 import pytest
-from conftest import GRAPH_BASE
+from conftest import GRAPH_BASE, rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -124,6 +124,8 @@ def clean(store, queue):
     def clean():
         for table in ("webhook_events", "dead_letter", "audit_log", "reply_cooldowns"):
             store.db.execute(f"DELETE FROM {table}")
+        for table in ("inbox_events", "inbox_audit"):
+            store.inbox.db.execute(f"DELETE FROM {table}")
         queue.connection.flushdb()
 
     return clean
@@ -146,7 +148,7 @@ def test_any_signed_delivery_is_stored_once_and_worked_without_a_crash(
         expected = {e.key for e in events.parse_delivery(raw, payloads.ACCOUNT_ID)}
     except events.UnparseableDelivery:
         expected = None
-    stored = list(store.db.query("SELECT event_key, status FROM webhook_events"))
+    stored = rows(store, "webhook_events")
     if expected is None:
         assert len(stored) == 1 and stored[0]["status"] == "dead"
     else:

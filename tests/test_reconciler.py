@@ -308,7 +308,7 @@ def test_relay_warns_once_while_redis_is_away_and_queues_when_it_is_back(
     assert len(warnings) == 1 and "Redis unavailable" in warnings[0].getMessage()
     # It only pinged: no event was marked and unmarked meanwhile.
     for key in keys:
-        assert store.get_event(key)["status"] == "received"
+        assert store.find_event(key)["status"] == "received"
         assert [a["action"] for a in store.audit_trail(key)] == ["received"]
 
     redis = subprocess.Popen(throwaway_redis_argv(port), stdout=subprocess.DEVNULL)
@@ -349,3 +349,31 @@ def test_relay_thread_queues_a_posted_event_within_a_moment(
     assert event["status"] == "queued"
     assert queue.job_ids == [event["job_id"]]
     assert not relay.is_alive()
+
+
+def test_relay_leaves_a_backlog_in_sqlite_once_the_queue_is_full(
+    store, queue, settings, monkeypatch
+):
+    monkeypatch.setattr(reconciler, "QUEUE_AHEAD", 5)
+    stored_but_not_queued(store, 8)
+    relay = reconciler.Relay(store, queue, settings)
+
+    assert relay.look() == 5
+    assert relay.look() == 0  # the queue is full: the rest waits, stored
+    assert queue.count == 5 and store.waiting_for_queue() == 3
+    # /readyz sees a relay at work, so a long backlog is not "behind".
+    assert queue.connection.exists(queueing.relay_heartbeat_key(settings))
+
+    for _ in range(2):  # workers took two jobs
+        queue.connection.lpop(queue.key)
+    assert relay.look() == 2
+    assert queue.count == 5 and store.waiting_for_queue() == 1
+
+
+def test_a_burst_pass_relays_everything_waiting(store, queue, settings, monkeypatch):
+    monkeypatch.setattr(reconciler, "QUEUE_AHEAD", 5)
+    stored_but_not_queued(store, 8)
+
+    assert reconciler.run_pass(store, queue, settings)["relayed"] == 5
+    assert reconciler.run_pass(store, queue, settings, relay_all=True)["relayed"] == 3
+    assert queue.count == 8

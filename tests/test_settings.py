@@ -33,7 +33,7 @@ def test_only_the_required_settings_give_the_documented_defaults():
     assert loaded.queue_name == "instagram-events"
     assert loaded.worker_processes == 3
     assert loaded.worker_threads == 4
-    assert loaded.worker_nice == 10
+    assert loaded.worker_nice == 19
 
 
 def test_every_setting_given_is_read():

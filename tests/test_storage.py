@@ -134,13 +134,16 @@ def test_processes_opening_a_new_database_together_all_get_it(tmp_path):
 # -- the write-ahead log -------------------------------------------------------
 
 
-def test_background_checkpoints_copy_the_log_into_the_database_file(store, env):
-    path = env["DATABASE_PATH"]
+@pytest.mark.parametrize("web", [True, False], ids=["web: inbox", "worker: main"])
+def test_background_checkpoints_copy_the_log_into_the_database_file(store, env, web):
     assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 10_000
     stored(store, 20, text="x" * 20_000)  # ~100 pages: far below the backstop
+    if not web:
+        assert store.move_inbox(100) == 20
+    path = env["DATABASE_PATH"] + (storage.INBOX_SUFFIX if web else "")
     size = os.path.getsize(path)
 
-    store.start_checkpoints()
+    store.start_checkpoints(web=web)
 
     assert wait_for(lambda: os.path.getsize(path) > size + 100_000, seconds=5)
 
@@ -172,3 +175,104 @@ def test_audit_trail_starts_with_the_receipt_from_the_event_row(
 
 def test_audit_trail_of_an_unknown_event_is_empty(store):
     assert store.audit_trail("0" * 32) == []
+
+
+# -- the inbox -------------------------------------------------------------------
+
+
+def test_stored_events_wait_in_the_inbox_until_a_relay_moves_them(store):
+    keys = stored(store, 3)
+
+    assert rows_of(store.inbox, "inbox_events") == keys
+    assert list(store.db.query("SELECT * FROM webhook_events")) == []
+    assert store.waiting_for_queue() == 3 and store.anything_to_queue()
+    assert [e["event_key"] for e in store.events()] == keys[::-1]
+    assert store.find_event(keys[0])["status"] == "received"
+
+    assert store.move_inbox(2) == 2
+    assert store.move_inbox(2) == 1
+    assert store.move_inbox(2) == 0
+
+    moved = list(store.db.query("SELECT event_key, status FROM webhook_events"))
+    assert [(e["event_key"], e["status"]) for e in moved] == [
+        (key, "received") for key in keys
+    ]
+    assert store.waiting_for_queue() == 3  # moved, not queued yet
+
+
+def test_an_event_moves_once_even_when_relays_move_together(store):
+    keys = stored(store, 200)
+    moved = []
+
+    def move():
+        mover = storage.Store(store.path)
+        while count := mover.move_inbox(7):
+            moved.append(count)
+        mover.close()
+
+    threads = [threading.Thread(target=move) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert sum(moved) == 200
+    stored_keys = [
+        r["event_key"] for r in store.db.query("SELECT * FROM webhook_events")
+    ]
+    assert sorted(stored_keys) == sorted(keys)
+
+
+def test_cleaning_the_inbox_deletes_only_what_was_moved(store):
+    first = stored(store, 3)
+    store.move_inbox(10)
+    later = stored(store, 2)
+
+    assert store.clean_inbox() == 3
+
+    assert rows_of(store.inbox, "inbox_events") == later
+    assert store.waiting_for_queue() == 3 + 2  # 3 moved 'received', 2 in the inbox
+    assert {store.find_event(key)["status"] for key in first + later} == {"received"}
+
+
+def test_a_redelivery_is_a_duplicate_wherever_its_first_copy_is(store):
+    [event] = parse_delivery(
+        payloads.body(payloads.delivery(payloads.text_message(payloads.new_id()))),
+        payloads.ACCOUNT_ID,
+    )
+    assert store.store_events([event]) == [event]
+    assert store.store_events([event]) == []  # still in the inbox
+    store.move_inbox(10)
+    assert store.store_events([event]) == []  # moved, still in the inbox too
+    store.clean_inbox()
+    assert store.store_events([event]) == []  # only in the main database
+
+    store.move_inbox(10)  # the inbox's duplicate notes reach the audit trail
+    trail = [step["action"] for step in store.audit_trail(event.key)]
+    assert trail == ["received", "duplicate", "duplicate", "duplicate"]
+    assert len(rows(store, "webhook_events")) == 1
+
+
+def test_a_new_inbox_file_is_moved_from_its_start(store, env):
+    stored(store, 2)
+    store.move_inbox(10)
+    store.clean_inbox()
+    store.close()
+    for suffix in ("", "-wal", "-shm"):  # an operator removed the inbox
+        path = env["DATABASE_PATH"] + storage.INBOX_SUFFIX + suffix
+        if os.path.exists(path):
+            os.remove(path)
+
+    fresh = storage.Store(env["DATABASE_PATH"])
+    fresh.init_schema()
+    [key] = stored(fresh, 1)
+
+    assert fresh.move_inbox(10) == 1
+    assert fresh.find_event(key)["status"] == "received"
+    assert fresh.get_event(key) is not None
+    fresh.close()
+
+
+def rows_of(database, table):
+    """Return the event keys of an inbox table, in order."""
+    return [r["event_key"] for r in database.db.query(f"SELECT * FROM {table}")]

@@ -290,7 +290,10 @@ def test_locked_database_answers_503_and_stores_nothing(env, monkeypatch, redis_
     monkeypatch.setattr(storage, "BUSY_TIMEOUT_SECONDS", 0.2)
     app = create_app()
     raw = payloads.body(payloads.delivery(payloads.text_message(payloads.new_id())))
-    blocker = sqlite3.connect(env["DATABASE_PATH"], isolation_level=None)
+    # Deliveries are stored in the inbox beside the main database file.
+    blocker = sqlite3.connect(
+        env["DATABASE_PATH"] + storage.INBOX_SUFFIX, isolation_level=None
+    )
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         response = app.test_client().post(
@@ -365,8 +368,9 @@ def test_a_stored_delivery_is_logged_only_at_debug(post, caplog):
 
 def test_full_disk_answers_503_and_stores_nothing(client, store, post):
     # SQLite reports a database that may not grow as "database or disk is full".
-    pages = next(store.db.query("PRAGMA page_count"))["page_count"]
-    store.db.execute(f"PRAGMA max_page_count = {pages}")
+    inbox = store.inbox.db  # where the web stores deliveries
+    pages = next(inbox.query("PRAGMA page_count"))["page_count"]
+    inbox.execute(f"PRAGMA max_page_count = {pages}")
     big = payloads.text_message(payloads.new_id(), "x" * 20_000)
 
     response = post(payloads.delivery(big))

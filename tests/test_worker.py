@@ -1,6 +1,9 @@
 """The worker's jobs against a real Redis, temporary SQLite and a stubbed Graph API."""
 
 import logging
+import os
+import subprocess
+import sys
 import time
 
 import payloads
@@ -503,3 +506,27 @@ def test_a_database_that_cannot_start_the_attempt_is_tried_again_not_buried(
     assert event_row(store)["status"] == "done"
     assert len(sends(graph)) == 1
     assert rows(store, "dead_letter") == []
+
+
+@pytest.mark.parametrize(
+    "nice, idle_class", [(19, True), (10, False)], ids=["lowest", "lower"]
+)
+def test_a_worker_at_the_lowest_niceness_runs_in_the_idle_scheduling_class(
+    nice, idle_class
+):
+    # In a process of its own: priority, once lowered, stays lowered.
+    code = (
+        "import os, worker\n"
+        f"worker._lower_priority({nice})\n"
+        "print(os.nice(0), os.sched_getscheduler(0) == os.SCHED_IDLE)\n"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    expected_nice = min(19, os.nice(0) + nice)  # nice adds to the runner's own
+    assert found.stdout.split() == [str(expected_nice), str(idle_class)], found.stderr
