@@ -1,9 +1,12 @@
 """SQLite storage of events, dead letters and the audit trail, shared by web and worker.
 
-Several gunicorn workers and worker processes share one file: the database
-runs in WAL mode with a busy timeout, and every write is a short
-transaction started with BEGIN IMMEDIATE, so it waits for the write lock
-instead of failing half-way.
+Two files: the main database (DATABASE_PATH), written by the worker
+processes, and an inbox beside it (DATABASE_PATH-inbox), where the web
+stores deliveries and which workers only read (see Inbox). SQLite lets one
+writer at a time into a file; with a file each, a delivery never waits for
+a worker's write. Both run in WAL mode, so readers never wait for writers,
+and every write is a short transaction started with BEGIN IMMEDIATE, so it
+waits for the write lock instead of failing half-way.
 
 Every write goes through Store.transaction, where writers take turns
 through a lock file beside the database before they ask SQLite for its
@@ -431,8 +434,10 @@ class Store(_Database):
         """Delete inbox rows the relay has moved; return how many went.
 
         Run by the web, the inbox's writer: ids only grow, so every row up
-        to a mark has been moved.
+        to a mark has been moved. Deleted payloads are overwritten, as by
+        purge: once purged from the main database, nothing of them is left.
         """
+        self.inbox.db.execute("PRAGMA secure_delete = ON")
         with self.inbox.transaction() as inbox:
             events_mark, audit_mark = self._inbox_marks(self.inbox.identity())
             gone = inbox.execute(
