@@ -160,7 +160,7 @@ def requeue_stalled(store, queue, settings):
             continue  # still on its way
         if status == JobStatus.FAILED:
             job = Job.fetch(event["job_id"], connection=queue.connection)
-            bury_failed_job(store, job, event)
+            bury_failed_job(store, queue, settings, job, event)
         else:
             detail = f"job {event['job_id']} was {status or 'gone'}"
             job_id = requeue(store, queue, settings, event, "requeued", detail)
@@ -195,15 +195,27 @@ def sync_failed_jobs(store, queue, settings):
             store.audit(key, "failed_job_cleared", f"job {job.id} was superseded")
             count += 1
         elif event["status"] != "dead":
-            bury_failed_job(store, job, event)
+            bury_failed_job(store, queue, settings, job, event)
             count += 1
     return count
 
 
-def bury_failed_job(store, job, event):
-    """Copy a failure RQ recorded but we did not into dead_letter."""
+def bury_failed_job(store, queue, settings, job, event):
+    """Copy a failure RQ recorded but we did not into dead_letter.
+
+    A job that failed before its attempt started (its worker was killed
+    after taking it off the queue) never tried the event: the event gets a
+    new job instead, up to len(RETRY_DELAYS) times.
+    """
     key = event["event_key"]
     reason = job.meta.get("reason") or _reason_from(job)
+    if event["attempts"] == 0 and store.audit_count(key, "requeued_unstarted") < len(
+        settings.retry_delays
+    ):
+        detail = f"job {job.id} ended before its attempt started ({reason})"
+        job_id = requeue(store, queue, settings, event, "requeued_unstarted", detail)
+        log.warning("event %s: %s; requeued as %s", key, detail, job_id)
+        return
     if event["send_started_at"]:
         store.mark_send_uncertain(key)
     store.dead_letter(

@@ -849,6 +849,13 @@ class Store(_Database):
         with self.transaction() as db:  # every write takes its turn (module doc)
             db.execute(sql, row)
 
+    def audit_count(self, key, action):
+        """Count the audit rows of one event with this action."""
+        return self.db.execute(
+            "SELECT COUNT(*) FROM audit_log WHERE event_key = ? AND action = ?",
+            (key, action),
+        ).fetchone()[0]
+
     # -- operator commands -----------------------------------------------------
 
     def events(

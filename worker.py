@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from redis.exceptions import RedisError
 from rq import Retry, SimpleWorker, get_current_job
 from rq.exceptions import AbandonedJobError
+from rq.registry import StartedJobRegistry
 from rq.timeouts import JobTimeoutException, TimerDeathPenalty
 
 import logs
@@ -506,6 +507,14 @@ def _new_worker(queue, connection):
     )
     worker.log_result_lifespan = False
     return worker
+
+
+# RQ's maintenance, run by these workers in threads, fails abandoned jobs
+# through StartedJobRegistry and runs their failure callback (record_failure)
+# under the registry's timeout, which defaults to SIGALRM: outside the main
+# thread that raises, and the abandoned event would never be retried. RQ
+# builds those registries itself, so their class takes the thread-safe timer.
+StartedJobRegistry.death_penalty_class = TimerDeathPenalty
 
 
 class EventWorker(SimpleWorker):

@@ -29,6 +29,13 @@ def stored_but_not_queued(store, count=1):
     return [e.key for e in events]
 
 
+def tried(store, key):
+    """Record one attempt, as a job that ran (and then timed out) did."""
+    store.db.execute(
+        "UPDATE webhook_events SET attempts = 1 WHERE event_key = ?", (key,)
+    )
+
+
 def age(store, key, seconds, column="updated_at"):
     store.db.execute(
         f"UPDATE webhook_events SET {column} = ? WHERE event_key = ?",
@@ -145,6 +152,7 @@ def test_failed_job_whose_callback_never_ran_is_copied_to_dead_letter_once(
     post(payloads.delivery(payloads.text_message(payloads.new_id())))
     relay()
     [event] = rows(store, "webhook_events")
+    tried(store, event["event_key"])
     job = Job.fetch(event["job_id"], connection=queue.connection)
     FailedJobRegistry(queue=queue).add(job, ttl=60, exc_string="JobTimeoutException")
     job.meta["reason"] = "timeout"
@@ -197,6 +205,7 @@ def test_stalled_event_whose_old_job_failed_unrecorded_is_dead_lettered(
     post(payloads.delivery(payloads.text_message(payloads.new_id())))
     relay()
     [event] = rows(store, "webhook_events")
+    tried(store, event["event_key"])
     job = Job.fetch(event["job_id"], connection=queue.connection)
     queue.remove(job)
     job.set_status(JobStatus.FAILED)
@@ -377,3 +386,74 @@ def test_a_burst_pass_relays_everything_waiting(store, queue, settings, monkeypa
     assert reconciler.run_pass(store, queue, settings)["relayed"] == 5
     assert reconciler.run_pass(store, queue, settings, relay_all=True)["relayed"] == 3
     assert queue.count == 8
+
+
+# -- a worker killed after taking a job, before its attempt started ------------
+
+
+def test_a_job_whose_worker_died_before_the_attempt_started_is_tried_again(
+    post, relay, store, queue, settings, work, graph
+):
+    """RQ fails such a job (AbandonedJobError, or 'stuck in intermediate queue')
+    without running record_failure; the event was never tried, so the
+    reconciler must give it a new job, not a dead letter.
+
+    Found by SIGKILLing worker.py processes while they drained a backlog:
+    events with attempts = 0 ended 'dead' (abandoned / internal_error) and
+    their senders never got a reply.
+    """
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    relay()
+    [event] = rows(store, "webhook_events")
+    job = Job.fetch(event["job_id"], connection=queue.connection)
+    queue.remove(job)  # a worker took it, then was killed before start_attempt
+    job.set_status(JobStatus.FAILED)
+    FailedJobRegistry(queue=queue).add(
+        job,
+        ttl=60,
+        exc_string="Moved to FailedJobRegistry, due to AbandonedJobError, at now",
+    )
+
+    reconciler.run_pass(store, queue, settings)
+    work()
+
+    assert rows(store, "dead_letter") == []
+    assert rows(store, "webhook_events")[0]["status"] == "done"
+    assert len(graph.request_history) == 1
+
+
+def test_rq_cleanup_in_a_worker_thread_runs_the_abandoned_job_callback(
+    post, relay, store, queue, settings
+):
+    """EventWorker threads run RQ's maintenance, whose StartedJobRegistry
+    cleanup calls record_failure under a SIGALRM death penalty: outside the
+    main thread that raises ValueError, so record_failure never requeues
+    the abandoned job (worker log: 'error while executing failure callback
+    ... signal only works in main thread').
+    """
+    import time
+
+    from rq.registry import StartedJobRegistry
+
+    import worker
+
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    relay()
+    [event] = rows(store, "webhook_events")
+    rq_worker = worker.EventWorker([queue], connection=queue.connection)
+    job, _ = rq_worker.dequeue_job_and_maintain_ttl(1)
+    rq_worker.prepare_execution(job)  # in StartedJobRegistry; then SIGKILL
+    rq_worker.prepare_job_execution(job, remove_from_intermediate_queue=True)
+    assert job.id == event["job_id"]
+
+    cleanup = threading.Thread(
+        target=StartedJobRegistry(queue=queue).cleanup,
+        args=(time.time() + 3600,),  # its time ran out: RQ's next maintenance
+    )
+    cleanup.start()
+    cleanup.join()
+
+    # record_failure ran and gave the event a new job (requeue_or_bury).
+    assert rows(store, "dead_letter") == []
+    event = store.get_event(event["event_key"])
+    assert event["status"] == "queued" and event["job_id"] != job.id
