@@ -1,11 +1,13 @@
 """Keep SQLite and the queue in step, so no stored event is ever lost.
 
 SQLite is the record of truth; Redis only carries work. The web stores
-events and answers Meta; it never talks to Redis. Each worker process runs:
+events in the inbox and answers Meta; it never talks to Redis. Each worker
+process runs:
 
-- a relay (Relay), ten times a second: it marks the events stored since
-  its last look 'queued' with fresh job ids, in one transaction, then
-  enqueues their jobs in one round trip. Moving the enqueue here took a
+- a relay (Relay), ten times a second: it moves the events stored since
+  its last look from the inbox into the main database, marks them 'queued'
+  with fresh job ids, then enqueues their jobs in one round trip, while the
+  queue holds fewer than QUEUE_AHEAD jobs. Moving the enqueue here took a
   Redis round trip and most of RQ's own work off every delivery, and it
   batches: under load a look finds hundreds of events, queued together;
 - a reconciler (Reconciler), every few seconds, one process at a time
@@ -280,8 +282,9 @@ class Reconciler(threading.Thread):
 class Relay(threading.Thread):
     """Queue newly stored events every RELAY_INTERVAL_SECONDS.
 
-    While Redis is away it only pings it, so no event is marked and
-    unmarked over and over; the events wait, stored, until Redis is back.
+    While Redis is away it only asks it for the queue's length, so no event
+    is marked and unmarked over and over; the events wait, stored, until
+    Redis is back.
     """
 
     def __init__(self, store, queue, settings, interval=RELAY_INTERVAL_SECONDS):
