@@ -232,12 +232,17 @@ class _Database:
 
 
 class Inbox(_Database):
-    """The file deliveries are stored in, written only by the web and the relay.
+    """The file deliveries are stored in, written only by the web.
 
-    The web answers Meta once the events are here; a worker's relay moves
+    The web answers Meta once the events are here; a worker's relay copies
     them into the main database (Store.move_inbox) within a tenth of a
-    second. The web never waits for a worker's write lock this way.
+    second, and the web deletes what was copied (Store.clean_inbox). The
+    web never waits for a worker's write lock this way.
     """
+
+    def _connect(self):
+        self._local.identity = None  # a new connection may see a new file
+        return super()._connect()
 
     def init_schema(self):
         """Create the inbox's tables if they are missing."""
@@ -254,8 +259,14 @@ class Inbox(_Database):
             ) from exc
 
     def identity(self):
-        """Return this inbox file's id: a new file starts its marks afresh."""
-        return self.db.execute("SELECT id FROM inbox_info").fetchone()[0]
+        """Return this inbox file's id: a new file starts its marks afresh.
+
+        Read once per connection: a connection stays on the file it opened.
+        """
+        db = self.db
+        if self._local.identity is None:
+            self._local.identity = db.execute("SELECT id FROM inbox_info").fetchone()[0]
+        return self._local.identity
 
 
 class Store(_Database):
@@ -322,8 +333,9 @@ class Store(_Database):
         An event is new when neither the inbox nor the main database knows
         its key, so a redelivered event is never stored or queued twice.
         The main database is read while the inbox's write lock is held: the
-        relay copies events into the main database before it deletes them
-        from the inbox, so a stored key is always in one or the other.
+        relay copies events into the main database, and only then may
+        clean_inbox delete them, under that same lock, so a stored key is
+        always in one or the other.
         """
         received_at = now_iso()
         new = []
@@ -839,9 +851,9 @@ class Store(_Database):
 
     # -- audit ---------------------------------------------------------------
 
-    def audit(self, key, action, detail="", at=None):
-        """Add one row to the audit trail (at: its time, if already known)."""
-        row = (key, action, detail, at or now_iso())
+    def audit(self, key, action, detail=""):
+        """Add one row to the audit trail."""
+        row = (key, action, detail, now_iso())
         sql = "INSERT INTO audit_log (event_key, action, detail, at) VALUES (?,?,?,?)"
         if self.db.conn.in_transaction:
             self.db.execute(sql, row)
@@ -866,29 +878,31 @@ class Store(_Database):
         Events still in the inbox are listed too, as 'received'.
         """
         where, params = _filters({"kind": kind}, "received_at", older_than, newer_than)
-        found = []
+        found = {}
         if status in (None, "received"):
-            found = [
-                {column: event[column] for column in _LISTED}
-                for event in self._unmoved_events(where, params, limit)
-            ]
+            # The inbox first: an event moved in between is then in both
+            # reads, never in neither; its main row wins.
+            for event in self._unmoved_events(where, params, limit):
+                found[event["event_key"]] = {c: event[c] for c in _LISTED}
         where, params = _filters(
             {"kind": kind, "status": status}, "received_at", older_than, newer_than
         )
-        found += self.db.query(
+        for event in self.db.query(
             f"SELECT {', '.join(_LISTED)} FROM webhook_events"
             f" WHERE {where} ORDER BY id DESC LIMIT ?",
             [*params, limit],
-        )
-        found.sort(key=lambda event: event["received_at"], reverse=True)
-        return found[:limit]
+        ):
+            found[event["event_key"]] = event
+        listed = sorted(found.values(), key=lambda e: e["received_at"], reverse=True)
+        return listed[:limit]
 
     def find_event(self, key):
-        """Return an event as get_event does, also while it is still in the inbox."""
-        event = self.get_event(key)
-        if event is None:
-            event = next(iter(self._unmoved_events("event_key = ?", [key], 1)), None)
-        return event
+        """Return an event as get_event does, also while it is still in the inbox.
+
+        The inbox is read first, for the reason events() gives.
+        """
+        unmoved = next(iter(self._unmoved_events("event_key = ?", [key], 1)), None)
+        return self.get_event(key) or unmoved
 
     def _unmoved_events(self, where, params, limit):
         """Return inbox events the relay has not moved, as 'received' event rows."""

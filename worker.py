@@ -450,9 +450,10 @@ def _lower_priority(nice):
     are stored. At the lowest niceness, 19 (the default), Linux's idle
     scheduling class (SCHED_IDLE, sched(7)) is taken as well: the worker
     then runs only on CPU time no ordinary process wants, and a web
-    process that wakes up takes the CPU back at once. Niceness alone left
-    the web up to a fifth slower beside a busy worker; the idle class left
-    it as fast as with no worker at all (see README, Performance).
+    process that wakes up takes the CPU back at once. Beside busy workers
+    the web reached 0.43-0.48 of bench/ingest.py's ceiling with niceness
+    19 alone, 0.47-0.58 in the idle class, and 0.55-0.67 with no worker
+    at all (see README, Performance).
 
     Where the kernel groups processes by session (autogroup, on by default
     in many distributions), priorities only order processes inside one

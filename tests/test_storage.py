@@ -276,3 +276,17 @@ def test_a_new_inbox_file_is_moved_from_its_start(store, env):
 def rows_of(database, table):
     """Return the event keys of an inbox table, in order."""
     return [r["event_key"] for r in database.db.query(f"SELECT * FROM {table}")]
+
+
+def test_an_event_moved_while_it_is_looked_up_is_still_found(store, monkeypatch):
+    [key] = stored(store, 1)
+    read_inbox = store._unmoved_events
+
+    def moved_meanwhile(*args):  # a relay commits its move just now
+        store.move_inbox(10)
+        return read_inbox(*args)
+
+    monkeypatch.setattr(store, "_unmoved_events", moved_meanwhile)
+
+    assert store.find_event(key)["status"] == "received"
+    assert [e["event_key"] for e in store.events()] == [key]
