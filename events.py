@@ -18,6 +18,10 @@ _MESSAGING_KINDS = (
     ("referral", "referral"),
 )
 _CHANGE_KINDS = {"comments": COMMENT, "live_comments": COMMENT, "mentions": "mention"}
+# Encoders made once: json.dumps with options builds a new one on every call.
+# Stored payloads are ASCII and compact; keys also sort, so they never change.
+_COMPACT = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=True, separators=(",", ":"))
 
 
 class UnparseableDelivery(ValueError):
@@ -97,7 +101,7 @@ def _event(channel, item, entry, object_type, account_id):
         kind=kind,
         account_id=entry_id,
         occurred_at=_occurred_at(item, entry),
-        payload=json.dumps(stored, ensure_ascii=True, separators=(",", ":")),
+        payload=_COMPACT.encode(stored),
     )
 
 
@@ -160,9 +164,7 @@ def event_key(channel, item, entry_id=""):
             identity = ["change", kind, _as_id(value["id"])]
     if identity is None:
         identity = ["content", channel, entry_id, item]
-    canonical = json.dumps(
-        identity, sort_keys=True, ensure_ascii=True, separators=(",", ":")
-    )
+    canonical = _CANONICAL.encode(identity)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 

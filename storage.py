@@ -55,9 +55,12 @@ INBOX_CLEAN_SECONDS = 1.0
 WRITE_LOCK_SUFFIX = "-writer.lock"
 #: The inbox (see Inbox) sits beside the main database file.
 INBOX_SUFFIX = "-inbox"
+#: Ids only grow, as moves go by id: a new row gets the highest id plus one,
+#: and clean_inbox never deletes the highest row. (Not AUTOINCREMENT: its
+#: counter is one more page to write in every delivery's commit.)
 INBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox_events (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: moves go by id
+    id          INTEGER PRIMARY KEY,
     event_key   TEXT NOT NULL UNIQUE,
     kind        TEXT NOT NULL,
     account_id  TEXT NOT NULL DEFAULT '',
@@ -69,7 +72,7 @@ CREATE TABLE IF NOT EXISTS inbox_info (
     id TEXT NOT NULL  -- this file's own id: the main database keeps its marks by it
 );
 CREATE TABLE IF NOT EXISTS inbox_audit (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id        INTEGER PRIMARY KEY,
     event_key TEXT,
     action    TEXT NOT NULL,
     detail    TEXT NOT NULL DEFAULT '',
@@ -111,16 +114,30 @@ SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 def now_iso(delta_seconds=0.0):
     """Return the current UTC time, shifted by delta_seconds, as stored text."""
-    moment = datetime.now(UTC) + timedelta(seconds=delta_seconds)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _stored_text(datetime.now(UTC) + timedelta(seconds=delta_seconds))
 
 
 def iso(epoch_seconds):
     """Return epoch seconds as stored text, or None."""
     if epoch_seconds is None:
         return None
-    moment = datetime.fromtimestamp(epoch_seconds, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _stored_text(datetime.fromtimestamp(epoch_seconds, UTC))
+
+
+def _stored_text(moment):
+    """Format a UTC datetime as 2026-01-31T12:00:00.000000Z, which sorts as text.
+
+    isoformat, not strftime: it costs a fifth as much, on every delivery.
+    """
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def _delete_moved(inbox, table, mark):
+    """Delete an inbox table's rows up to ``mark``, but never its highest row."""
+    return inbox.execute(
+        f"DELETE FROM {table} WHERE id <= ? AND id < (SELECT max(id) FROM {table})",
+        (mark,),
+    ).rowcount
 
 
 def parse_iso(text):
@@ -446,16 +463,21 @@ class Store(_Database):
         """Delete inbox rows the relay has moved; return how many went.
 
         Run by the web, the inbox's writer: ids only grow, so every row up
-        to a mark has been moved. Deleted payloads are overwritten, as by
-        purge: once purged from the main database, nothing of them is left.
+        to a mark has been moved. The highest row of each table stays, so
+        that the next id is higher still (see INBOX_SCHEMA); a moved one
+        keeps its key but not its payload. Deleted payloads are overwritten,
+        as by purge: once purged from the main database, nothing of them is
+        left.
         """
         self.inbox.db.execute("PRAGMA secure_delete = ON")
         with self.inbox.transaction() as inbox:
             events_mark, audit_mark = self._inbox_marks(self.inbox.identity())
-            gone = inbox.execute(
-                "DELETE FROM inbox_events WHERE id <= ?", (events_mark,)
-            ).rowcount
-            inbox.execute("DELETE FROM inbox_audit WHERE id <= ?", (audit_mark,))
+            gone = _delete_moved(inbox, "inbox_events", events_mark)
+            _delete_moved(inbox, "inbox_audit", audit_mark)
+            inbox.execute(
+                "UPDATE inbox_events SET payload = '' WHERE id <= ? AND payload != ''",
+                (events_mark,),
+            )
         return gone
 
     def unqueue(self, keys):

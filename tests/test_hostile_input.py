@@ -67,6 +67,19 @@ def test_bad_signature_is_refused_and_nothing_is_stored(client, store, queue, ca
     assert queue.count == 0
 
 
+def test_a_repeated_signature_header_is_named_in_the_answer(client, store):
+    # Servers join repeated headers with commas: even two good copies are refused.
+    raw = valid_body()
+    good = payloads.signed_headers(raw)["X-Hub-Signature-256"]
+    headers = [("X-Hub-Signature-256", good), ("X-Hub-Signature-256", good)]
+
+    response = client.post(URL, data=raw, headers=headers)
+
+    assert response.status_code == 401
+    assert "more than one X-Hub-Signature-256" in response.get_json()["error"]
+    assert rows(store, "webhook_events") == []
+
+
 def test_a_body_changed_after_signing_is_refused(client, store):
     raw = valid_body()
     headers = payloads.signed_headers(raw)

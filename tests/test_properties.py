@@ -126,6 +126,7 @@ def clean(store, queue):
             store.db.execute(f"DELETE FROM {table}")
         for table in ("inbox_events", "inbox_audit"):
             store.inbox.db.execute(f"DELETE FROM {table}")
+        store.db.execute("DELETE FROM inbox_moved")  # inbox ids start again
         queue.connection.flushdb()
 
     return clean

@@ -235,6 +235,23 @@ def test_cleaning_the_inbox_deletes_only_what_was_moved(store):
     assert {store.find_event(key)["status"] for key in first + later} == {"received"}
 
 
+def test_events_stored_after_a_clean_sweep_still_move(store):
+    first = stored(store, 3)
+    store.move_inbox(10)
+    assert store.clean_inbox() == 2
+    # The highest row stays, without its payload, so ids keep growing.
+    [kept] = store.inbox.db.query("SELECT event_key, payload FROM inbox_events")
+    assert kept == {"event_key": first[-1], "payload": ""}
+
+    later = stored(store, 2)
+
+    assert store.move_inbox(10) == 2
+    moved = [r["event_key"] for r in store.db.query("SELECT * FROM webhook_events")]
+    assert sorted(moved) == sorted(first + later)
+    assert store.clean_inbox() == 2
+    assert rows_of(store.inbox, "inbox_events") == later[-1:]
+
+
 def test_a_redelivery_is_a_duplicate_wherever_its_first_copy_is(store):
     [event] = parse_delivery(
         payloads.body(payloads.delivery(payloads.text_message(payloads.new_id()))),
