@@ -2,10 +2,10 @@
 
 Run from the project folder:
 
-    .venv/bin/python bench/ingest.py                 # about 2 minutes
+    .venv/bin/python bench/ingest.py                 # about 2.5 minutes
     .venv/bin/python bench/ingest.py --duration 30   # longer runs
 
-Four runs, one after another, each loaded for --duration seconds (after
+Four kinds of run, one after another, each loaded for --duration seconds (after
 --warmup seconds whose figures are dropped) at --connections concurrent
 connections, every request a unique, correctly signed delivery of one
 direct message:
@@ -25,8 +25,9 @@ direct message:
    Graph API (at up to SEND_RATE_PER_SECOND) while the deliveries come in.
 
 The machine's speed drifts from minute to minute, so the ceiling is
-measured right before each service run (generator, ceiling, web, ceiling,
-all) and each service run is compared with the ceiling just before it.
+measured before and after each service run (generator, ceiling #1, web,
+ceiling #2, all, ceiling #3) and each service run is compared with the
+mean of the ceiling runs on either side of it.
 
 The load comes from wrk (with bench/deliveries.lua) when it is installed,
 else from bench/loadgen.py's Python generator (--generator chooses). It
@@ -121,31 +122,45 @@ def main(argv=None):
 
 
 def _order(runs):
-    """Return the runs to do, a ceiling run right before each service run.
+    """Return the runs to do, with a ceiling run before and after each service run.
 
     The machine's speed drifts from minute to minute: a service run is
-    compared with the ceiling measured just before it, not a minute earlier.
+    compared with the ceiling measured right around it (the mean of the
+    runs just before and just after), not a minute earlier.
     """
     services = [run for run in runs if run in ("web", "all")]
     order = [run for run in runs if run == "generator"]
-    if "ceiling" in runs and not services:
-        order.append("ceiling")
-    for run in services:
-        if "ceiling" in runs:
-            order.append(f"ceiling before {run}")
-        order.append(run)
+    if "ceiling" not in runs:
+        return order + services
+    order.append("ceiling 1")
+    for number, run in enumerate(services, start=2):
+        order += [run, f"ceiling {number}"]
     return order
 
 
+def _ceilings_around(results, run):
+    """Return the ceiling runs just before and just after a service run."""
+    names = list(results)
+    at = names.index(run)
+    before = [n for n in names[:at] if n.startswith("ceiling")][-1:]
+    after = [n for n in names[at + 1 :] if n.startswith("ceiling")][:1]
+    return [results[n]["result"] for n in before + after]
+
+
 def _ceiling_of(results, run):
-    """Return the ceiling run a service run is compared with, or None."""
-    outcome = results.get(f"ceiling before {run}")
-    return outcome["result"] if outcome else None
+    """Return the ceiling rate a service run is compared with, or None.
+
+    The mean of the ceiling runs just before and just after it.
+    """
+    if not run.startswith(("web", "all")):
+        return None
+    around = _ceilings_around(results, run)
+    return sum(r.rate for r in around) / len(around) if around else None
 
 
 def _title(run):
-    base, _, before = run.partition(" before ")
-    return TITLES[base] + (f" (before {before})" if before else "")
+    base, _, number = run.partition(" ")
+    return TITLES[base] + (f" #{number}" if number else "")
 
 
 def _load(args, generator, port, tag, sample):
@@ -283,7 +298,7 @@ def report(results):
     for run, outcome in results.items():
         result = outcome["result"]
         ceiling = _ceiling_of(results, run)
-        ratio = f"{result.rate / ceiling.rate:.2f}" if ceiling and ceiling.rate else "-"
+        ratio = f"{result.rate / ceiling:.2f}" if ceiling else "-"
         workers = sum(1 for label in outcome["pids"] if label.startswith("web worker"))
         rows.append(
             [
@@ -385,19 +400,23 @@ def _statuses(outcome):
 
 
 def _verdicts(results, checked):
-    lines = ["issue 7 targets (each service run against the ceiling just before it):"]
+    lines = [
+        "issue 7 targets (each service run against the mean of the ceiling"
+        " runs just before and after it):"
+    ]
     for run in checked:
         result = results[run]["result"]
         ceiling = _ceiling_of(results, run)
-        ratio = result.rate / ceiling.rate if ceiling.rate else 0.0
+        around = ", ".join(f"{r.rate:.0f}" for r in _ceilings_around(results, run))
+        ratio = result.rate / ceiling if ceiling else 0.0
         errors = result.non_2xx + result.socket_errors
         once = common.stored_once_ok(results[run]["check"])
         p99 = result.percentile(99)
         lines.append(
-            f"  {TITLES[run]}: ratio {ratio:.2f} (>= {TARGET_RATIO}: "
-            f"{_yes(ratio >= TARGET_RATIO)}), p99 {p99:.1f} ms (< {TARGET_P99_MS:g}: "
-            f"{_yes(p99 < TARGET_P99_MS)}), errors {errors} ({_yes(errors == 0)}), "
-            f"stored once ({_yes(once)})"
+            f"  {TITLES[run]}: ratio {ratio:.2f} of {ceiling:.0f}/s (ceiling runs:"
+            f" {around}; >= {TARGET_RATIO}: {_yes(ratio >= TARGET_RATIO)}),"
+            f" p99 {p99:.1f} ms (< {TARGET_P99_MS:g}: {_yes(p99 < TARGET_P99_MS)}),"
+            f" errors {errors} ({_yes(errors == 0)}), stored once ({_yes(once)})"
         )
     return "\n".join(lines)
 
