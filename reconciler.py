@@ -20,9 +20,11 @@ process runs:
   was never recorded, and clears failed jobs a later attempt superseded.
 """
 
+import collections
 import logging
 import sqlite3
 import threading
+import time
 
 from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
@@ -30,6 +32,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 
 import queueing
+from errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ BATCH = 500
 #: Redis jobs while the web still needs the CPU, and Redis holds a bounded
 #: amount of work. At 100 replies a second this is five seconds of work.
 QUEUE_AHEAD = 500
+#: Arrival rates are measured over this long (see Relay.watch_arrivals).
+FLOOD_WINDOW_SECONDS = 1.0
 LIVE_STATUSES = {
     JobStatus.QUEUED,
     JobStatus.SCHEDULED,
@@ -285,14 +290,29 @@ class Relay(threading.Thread):
     While Redis is away it only asks it for the queue's length, so no event
     is marked and unmarked over and over; the events wait, stored, until
     Redis is back.
+
+    It also watches how fast events arrive, and sets ``flooded`` while they
+    come faster than FLOOD_EVENTS_PER_SECOND over the last FLOOD_WINDOW_SECONDS:
+    the process's workers then take no new jobs (worker.EventWorker).
     """
 
-    def __init__(self, store, queue, settings, interval=RELAY_INTERVAL_SECONDS):
+    def __init__(
+        self,
+        store,
+        queue,
+        settings,
+        interval=RELAY_INTERVAL_SECONDS,
+        flooded=None,
+        clock=time.monotonic,
+    ):
         super().__init__(name="relay", daemon=True)
         self.store, self.queue, self.settings = store, queue, settings
         self.interval = interval
         self.stopped = threading.Event()
         self.redis_down = False
+        self.flooded = flooded if flooded is not None else threading.Event()
+        self._clock = clock
+        self._arrivals = collections.deque()  # (time, newest inbox id)
 
     def run(self):
         while not self.stopped.wait(self.interval):
@@ -301,8 +321,9 @@ class Relay(threading.Thread):
     def look(self):
         """Queue what is waiting, if Redis answers; return how many.
 
-        An idle look is one read: no write lock taken from the web, no ping.
+        An idle look is two reads: no write lock taken from the web, no ping.
         """
+        self.watch_arrivals()
         try:
             if not self.store.anything_to_queue():
                 return 0
@@ -326,6 +347,45 @@ class Relay(threading.Thread):
             log.info("relay: Redis is back; queueing stored events")
             self.redis_down = False
         return relayed
+
+    def watch_arrivals(self):
+        """Set or clear ``flooded`` by how fast events arrive; return the rate.
+
+        A flood is a rate no reply limit keeps up with (Meta allows 100 text
+        messages a second): replies fall behind however hard the workers
+        work, while every core they take is one the web needs to answer
+        Meta. Even in the idle scheduling class they took a tenth of the
+        CPU from the web in bench/ingest.py; paused, none.
+        """
+        limit = self.settings.flood_events_per_second
+        if not limit:
+            return None
+        try:
+            newest = self.store.newest_inbox_id()
+        except (sqlite3.Error, StorageError):
+            return None
+        now = self._clock()
+        arrivals = self._arrivals
+        arrivals.append((now, newest))
+        while now - arrivals[0][0] > FLOOD_WINDOW_SECONDS:
+            arrivals.popleft()
+        since, first = arrivals[0]
+        if now - since < FLOOD_WINDOW_SECONDS / 2:
+            return None  # too short a look back to tell
+        # A replaced inbox starts its ids again: that is no arrival.
+        rate = max(0, newest - first) / (now - since)
+        if rate > limit and not self.flooded.is_set():
+            log.info(
+                "events arriving at %d/s, above FLOOD_EVENTS_PER_SECOND=%d:"
+                " workers take no new jobs until it eases",
+                rate,
+                limit,
+            )
+            self.flooded.set()
+        elif rate <= limit and self.flooded.is_set():
+            log.info("events arriving at %d/s: workers take jobs again", rate)
+            self.flooded.clear()
+        return rate
 
     def _room_and_heartbeat(self):
         """Return the queue's room, and tell /readyz a relay is at work.

@@ -51,6 +51,9 @@ class Settings:
     worker_threads: int = 4
     #: Niceness the worker processes run at: the web answers Meta first.
     worker_nice: int = 19
+    #: While events arrive faster than this (per second), workers take no
+    #: new jobs and leave the CPU to the web; 0: never pause.
+    flood_events_per_second: int = 1000
     #: Retry a send whose outcome is unknown (it may have gone out).
     retry_uncertain_sends: bool = True
     #: A queued event untouched this long past its due time is queued again.
@@ -177,6 +180,9 @@ def from_env(env=None):
         ),
         worker_threads=_worker_threads(env),
         worker_nice=_worker_nice(env),
+        flood_events_per_second=_number(
+            env, "FLOOD_EVENTS_PER_SECOND", Settings.flood_events_per_second
+        ),
         retry_uncertain_sends=_flag(
             env, "RETRY_UNCERTAIN_SENDS", Settings.retry_uncertain_sends
         ),

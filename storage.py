@@ -459,6 +459,12 @@ class Store(_Database):
             )
         return len(events)
 
+    def newest_inbox_id(self):
+        """Return the highest id in the inbox (0 when empty): arrivals count up."""
+        return self.inbox.db.execute(
+            "SELECT coalesce(max(id), 0) FROM inbox_events"
+        ).fetchone()[0]
+
     def clean_inbox(self):
         """Delete inbox rows the relay has moved; return how many went.
 

@@ -423,6 +423,11 @@ STOP = threading.Event()
 RESTART_PAUSE_SECONDS = 5
 #: An idle worker thread looks at STOP this often.
 IDLE_CHECK_SECONDS = 1
+#: Set by the process's relay while events arrive faster than
+#: FLOOD_EVENTS_PER_SECOND: no thread takes a new job meanwhile, and each
+#: looks again this often.
+FLOODED = threading.Event()
+FLOOD_CHECK_SECONDS = 0.2
 
 
 def _install_stop_handlers():
@@ -574,6 +579,10 @@ class EventWorker(SimpleWorker):
         if timeout is None or max_idle_time is not None:  # burst, or RQ's own limit
             return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
         while not STOP.is_set():
+            if FLOODED.is_set():  # the relay saw a flood: the web needs the CPU
+                self.heartbeat()
+                STOP.wait(FLOOD_CHECK_SECONDS)
+                continue
             found = super().dequeue_job_and_maintain_ttl(
                 IDLE_CHECK_SECONDS, IDLE_CHECK_SECONDS
             )
@@ -668,7 +677,7 @@ def main(argv=None):
         return 0
 
     helpers = [
-        reconciler.Relay(ctx.store, queue, ctx.settings),
+        reconciler.Relay(ctx.store, queue, ctx.settings, flooded=FLOODED),
         reconciler.Reconciler(ctx.store, queue, ctx.settings),
     ]
     threads = [

@@ -379,6 +379,63 @@ def test_relay_leaves_a_backlog_in_sqlite_once_the_queue_is_full(
     assert queue.count == 5 and store.waiting_for_queue() == 1
 
 
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_relay_pauses_the_workers_while_events_arrive_faster_than_the_limit(
+    store, queue, settings, caplog
+):
+    settings = dataclasses.replace(settings, flood_events_per_second=50)
+    clock = Clock()
+    relay = reconciler.Relay(store, queue, settings, clock=clock)
+    caplog.set_level("INFO", logger="reconciler")
+
+    for _ in range(3):  # 20 events a second: no flood
+        stored_but_not_queued(store, 2)
+        clock.now += 0.1
+        relay.watch_arrivals()
+    assert not relay.flooded.is_set()
+
+    for _ in range(11):  # 100 a second over the last second
+        stored_but_not_queued(store, 10)
+        clock.now += 0.1
+        relay.watch_arrivals()
+    assert relay.flooded.is_set()
+    assert "above FLOOD_EVENTS_PER_SECOND=50" in caplog.text
+
+    for _ in range(3):  # a short lull: over the last second, still 70 a second
+        clock.now += 0.1
+        relay.watch_arrivals()
+    assert relay.flooded.is_set()
+    for _ in range(8):  # the flood is past
+        clock.now += 0.1
+        relay.watch_arrivals()
+    assert not relay.flooded.is_set()
+    assert "workers take jobs again" in caplog.text
+
+
+def test_relay_never_pauses_the_workers_when_the_flood_limit_is_0(
+    store, queue, settings
+):
+    settings = dataclasses.replace(settings, flood_events_per_second=0)
+    clock = Clock()
+    relay = reconciler.Relay(store, queue, settings, clock=clock)
+
+    for _ in range(11):
+        stored_but_not_queued(store, 50)
+        clock.now += 0.1
+        assert relay.watch_arrivals() is None
+
+    assert not relay.flooded.is_set()
+
+
 def test_a_burst_pass_relays_everything_waiting(store, queue, settings, monkeypatch):
     monkeypatch.setattr(reconciler, "QUEUE_AHEAD", 5)
     stored_but_not_queued(store, 8)

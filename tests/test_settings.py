@@ -52,6 +52,7 @@ def test_every_setting_given_is_read():
             WORKER_PROCESSES="1",
             WORKER_THREADS="64",
             WORKER_NICE="0",
+            FLOOD_EVENTS_PER_SECOND="0",
         )
     )
 
@@ -68,6 +69,7 @@ def test_every_setting_given_is_read():
     assert loaded.worker_processes == 1
     assert loaded.worker_threads == 64
     assert loaded.worker_nice == 0
+    assert loaded.flood_events_per_second == 0
 
 
 def test_comma_separated_app_secrets_are_all_kept_for_rotation():
@@ -110,6 +112,8 @@ def test_a_missing_required_setting_is_named(name, value):
         ("WORKER_PROCESSES", "2.5", "expected a number"),
         ("WORKER_NICE", "20", "expected 0 to 19"),
         ("WORKER_NICE", "-5", "expected at least 0"),
+        ("FLOOD_EVENTS_PER_SECOND", "-1", "expected at least 0"),
+        ("FLOOD_EVENTS_PER_SECOND", "lots", "expected a number"),
     ],
 )
 def test_a_malformed_setting_is_named_with_what_was_expected(name, value, expected):

@@ -4,6 +4,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import payloads
@@ -506,6 +507,36 @@ def test_a_database_that_cannot_start_the_attempt_is_tried_again_not_buried(
     assert event_row(store)["status"] == "done"
     assert len(sends(graph)) == 1
     assert rows(store, "dead_letter") == []
+
+
+def test_a_worker_takes_no_job_while_the_relay_sees_a_flood(
+    post, relay, queue, store, graph, monkeypatch
+):
+    monkeypatch.setattr(worker, "FLOOD_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(worker, "FLOODED", threading.Event())
+    post(payloads.delivery(payloads.text_message(payloads.new_id())))
+    relay()
+    rq_worker = worker.EventWorker([queue], connection=queue.connection)
+    taken = []
+    worker.FLOODED.set()
+    waiting = threading.Thread(
+        target=lambda: taken.append(rq_worker.dequeue_job_and_maintain_ttl(5))
+    )
+    waiting.start()
+    try:
+        waiting.join(0.5)
+        assert waiting.is_alive() and taken == []
+        assert queue.count == 1  # the job waits on the queue, not in a thread
+
+        worker.FLOODED.clear()
+        waiting.join(5)
+        [(job, _)] = taken
+        assert job.args == (event_row(store)["event_key"],)
+    finally:
+        worker.FLOODED.clear()
+        worker.STOP.set()
+        waiting.join(5)
+        worker.STOP.clear()
 
 
 @pytest.mark.parametrize(
