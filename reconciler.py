@@ -9,7 +9,9 @@ process runs:
   with fresh job ids, then enqueues their jobs in one round trip, while the
   queue holds fewer than QUEUE_AHEAD jobs. Moving the enqueue here took a
   Redis round trip and most of RQ's own work off every delivery, and it
-  batches: under load a look finds hundreds of events, queued together;
+  batches: under load a look finds hundreds of events, queued together.
+  It also counts the events arriving, and pauses the process's workers
+  while more than FLOOD_EVENTS_PER_SECOND arrive in a second;
 - a reconciler (Reconciler), every few seconds, one process at a time
   under a Redis lock, whose pass
 - also relays, for a worker run with --burst;
@@ -32,7 +34,6 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 
 import queueing
-from errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +363,14 @@ class Relay(threading.Thread):
             return None
         try:
             newest = self.store.newest_inbox_id()
-        except (sqlite3.Error, StorageError):
+        except Exception as exc:  # a look that fails never leaves workers paused
+            if self.flooded.is_set():
+                log.warning(
+                    "relay: cannot count arriving events (%s); workers take jobs again",
+                    type(exc).__name__,
+                )
+                self.flooded.clear()
+            self._arrivals.clear()
             return None
         now = self._clock()
         arrivals = self._arrivals

@@ -421,6 +421,22 @@ def test_relay_pauses_the_workers_while_events_arrive_faster_than_the_limit(
     assert "workers take jobs again" in caplog.text
 
 
+def test_a_relay_that_cannot_count_arrivals_lets_the_workers_work(
+    store, queue, settings, monkeypatch
+):
+    settings = dataclasses.replace(settings, flood_events_per_second=50)
+    relay = reconciler.Relay(store, queue, settings, clock=Clock())
+    relay.flooded.set()
+
+    def unreadable():
+        raise storage.StorageError("cannot open the database at DATABASE_PATH")
+
+    monkeypatch.setattr(store, "newest_inbox_id", unreadable)
+
+    assert relay.look() == 0
+    assert not relay.flooded.is_set()
+
+
 def test_relay_never_pauses_the_workers_when_the_flood_limit_is_0(
     store, queue, settings
 ):
