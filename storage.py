@@ -432,15 +432,19 @@ class Store(_Database):
             ).fetchall()
             if not events and not notes:
                 return 0
+            # A row without its payload was moved and cleaned before: its
+            # marks were lost with an earlier main database.
+            moved = [
+                (k, kind, acc, occ, at, at, p)
+                for _, k, kind, acc, occ, at, p in events
+                if p
+            ]
             db.conn.executemany(
                 "INSERT INTO webhook_events (event_key, kind, status, account_id,"
                 " occurred_at, received_at, updated_at, payload)"
                 " VALUES (?, ?, 'received', ?, ?, ?, ?, ?)"
                 " ON CONFLICT (event_key) DO NOTHING",
-                [
-                    (k, kind, acc, occ, at, at, p)
-                    for _, k, kind, acc, occ, at, p in events
-                ],
+                moved,
             )
             db.conn.executemany(
                 "INSERT INTO audit_log (event_key, action, detail, at)"
@@ -457,7 +461,7 @@ class Store(_Database):
                     notes[-1][0] if notes else audit_mark,
                 ),
             )
-        return len(events)
+        return len(moved)
 
     def newest_inbox_id(self):
         """Return the highest id in the inbox (0 when empty): arrivals count up."""

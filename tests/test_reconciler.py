@@ -421,6 +421,25 @@ def test_relay_pauses_the_workers_while_events_arrive_faster_than_the_limit(
     assert "workers take jobs again" in caplog.text
 
 
+def test_relay_tells_a_flood_from_its_end_when_looks_come_seconds_apart(
+    store, queue, settings
+):
+    # Looks slow down when the machine is busy or Redis times out.
+    settings = dataclasses.replace(settings, flood_events_per_second=50)
+    clock = Clock()
+    relay = reconciler.Relay(store, queue, settings, clock=clock)
+    relay.watch_arrivals()
+
+    stored_but_not_queued(store, 300)
+    clock.now += 2
+    assert relay.watch_arrivals() == 150
+    assert relay.flooded.is_set()
+
+    clock.now += 2
+    assert relay.watch_arrivals() == 0
+    assert not relay.flooded.is_set()
+
+
 def test_a_relay_that_cannot_count_arrivals_lets_the_workers_work(
     store, queue, settings, monkeypatch
 ):

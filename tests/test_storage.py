@@ -252,6 +252,26 @@ def test_events_stored_after_a_clean_sweep_still_move(store):
     assert rows_of(store.inbox, "inbox_events") == later[-1:]
 
 
+def test_a_cleaned_row_is_not_moved_again_into_a_new_main_database(store, env):
+    [first, second] = stored(store, 2)
+    store.move_inbox(10)
+    store.clean_inbox()  # the second stays, without its payload
+    store.close()
+    for suffix in ("", "-wal", "-shm"):  # an operator starts a new main database
+        path = env["DATABASE_PATH"] + suffix
+        if os.path.exists(path):
+            os.remove(path)
+
+    fresh = storage.Store(env["DATABASE_PATH"])
+    fresh.init_schema()
+    [later] = stored(fresh, 1)
+
+    assert fresh.move_inbox(10) == 1
+    moved = [r["event_key"] for r in fresh.db.query("SELECT * FROM webhook_events")]
+    assert moved == [later]
+    fresh.close()
+
+
 def test_a_redelivery_is_a_duplicate_wherever_its_first_copy_is(store):
     [event] = parse_delivery(
         payloads.body(payloads.delivery(payloads.text_message(payloads.new_id()))),
