@@ -51,6 +51,8 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 CHECKPOINT_INTERVAL_SECONDS = 0.2
 #: The web deletes inbox rows the relay has moved this often.
 INBOX_CLEAN_SECONDS = 1.0
+#: Once the inbox is all moved, its log is emptied; readers delay that this long.
+INBOX_LOG_WAIT_SECONDS = 0.05
 #: The lock file writers take turns with sits beside the database file.
 WRITE_LOCK_SUFFIX = "-writer.lock"
 #: The inbox (see Inbox) sits beside the main database file.
@@ -247,6 +249,25 @@ class _Database:
         """Copy what the write-ahead log holds into the database file."""
         self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
+    def empty_log(self, wait_seconds=None):
+        """Checkpoint and truncate the write-ahead log; return True if it is empty.
+
+        Deleted rows are overwritten in the database file (secure_delete),
+        but their earlier versions stay in the log until it is truncated.
+        Writers wait meanwhile, as for a transaction; readers are waited for
+        up to ``wait_seconds`` (the busy timeout by default).
+        """
+        conn = self.db.conn
+        with self._writer_turn():
+            if wait_seconds is not None:
+                conn.execute(f"PRAGMA busy_timeout = {int(wait_seconds * 1000)}")
+            try:
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                if wait_seconds is not None:
+                    conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+        return not busy
+
 
 class Inbox(_Database):
     """The file deliveries are stored in, written only by the web.
@@ -259,7 +280,11 @@ class Inbox(_Database):
 
     def _connect(self):
         self._local.identity = None  # a new connection may see a new file
-        return super()._connect()
+        db = super()._connect()
+        # Each time the log starts over, it is cut to nothing: the payloads
+        # it held, moved and deleted since, go with it (see empty_log).
+        db.execute("PRAGMA journal_size_limit = 0")
+        return db
 
     def init_schema(self):
         """Create the inbox's tables if they are missing."""
@@ -484,10 +509,18 @@ class Store(_Database):
             events_mark, audit_mark = self._inbox_marks(self.inbox.identity())
             gone = _delete_moved(inbox, "inbox_events", events_mark)
             _delete_moved(inbox, "inbox_audit", audit_mark)
-            inbox.execute(
+            blanked = inbox.execute(
                 "UPDATE inbox_events SET payload = '' WHERE id <= ? AND payload != ''",
                 (events_mark,),
-            )
+            ).rowcount
+            waiting = inbox.execute(
+                "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE id > ?)",
+                (events_mark,),
+            ).fetchone()[0]
+        if (gone or blanked) and not waiting:
+            # Everything was moved: no payload need stay in the log either.
+            # Never while deliveries pour in; a reader holds it up 50 ms at most.
+            self.inbox.empty_log(wait_seconds=INBOX_LOG_WAIT_SECONDS)
         return gone
 
     def unqueue(self, keys):
@@ -981,6 +1014,8 @@ class Store(_Database):
                     raise _RollBack
         except _RollBack:
             pass
+        else:
+            self.empty_log()  # the deleted rows' earlier versions, too
         return counts
 
 

@@ -252,6 +252,43 @@ def test_events_stored_after_a_clean_sweep_still_move(store):
     assert rows_of(store.inbox, "inbox_events") == later[-1:]
 
 
+def file_text(path):
+    """Return a database file and its write-ahead log as text, for searching."""
+    text = ""
+    for suffix in ("", "-wal"):
+        if os.path.exists(path + suffix):
+            with open(path + suffix, "rb") as f:
+                text += f.read().decode("latin-1")
+    return text
+
+
+def test_no_message_text_is_left_in_the_inbox_files_once_moved(store):
+    stored(store, 300, text="a very private message")
+    inbox_path = store.inbox.path
+    assert "a very private message" in file_text(inbox_path)
+
+    while store.move_inbox(100):
+        store.clean_inbox()
+    store.clean_inbox()
+
+    assert "a very private message" not in file_text(inbox_path)
+    assert rows(store, "webhook_events", "payload LIKE '%very private%'")
+
+
+def test_purge_leaves_no_message_text_in_the_database_files(store):
+    stored(store, 50, text="a very private message")
+    store.move_inbox(100)
+    store.db.execute(
+        "UPDATE webhook_events SET status = 'done', received_at = ?",
+        (storage.now_iso(-40 * 86400),),
+    )
+    store.checkpoint()  # the text is in the database file and its log
+
+    store.purge(older_than=30 * 86400)
+
+    assert "a very private message" not in file_text(store.path)
+
+
 def test_a_cleaned_row_is_not_moved_again_into_a_new_main_database(store, env):
     [first, second] = stored(store, 2)
     store.move_inbox(10)
