@@ -322,7 +322,7 @@ class Relay(threading.Thread):
     def look(self):
         """Queue what is waiting, if Redis answers; return how many.
 
-        An idle look is two reads: no write lock taken from the web, no ping.
+        An idle look only reads: no write lock taken from the web, no ping.
         """
         self.watch_arrivals()
         try:

@@ -51,7 +51,9 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 CHECKPOINT_INTERVAL_SECONDS = 0.2
 #: The web deletes inbox rows the relay has moved this often.
 INBOX_CLEAN_SECONDS = 1.0
-#: Once the inbox is all moved, its log is emptied; readers delay that this long.
+#: Once fewer events than this wait in the inbox, its log is emptied of the
+#: moved ones; readers may delay that this long.
+INBOX_LOG_EMPTY_BELOW = 100
 INBOX_LOG_WAIT_SECONDS = 0.05
 #: The lock file writers take turns with sits beside the database file.
 WRITE_LOCK_SUFFIX = "-writer.lock"
@@ -510,16 +512,25 @@ class Store(_Database):
                 (events_mark,),
             ).rowcount
             waiting = inbox.execute(
-                "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE id > ?)",
-                (events_mark,),
+                "SELECT count(*) FROM"
+                " (SELECT 1 FROM inbox_events WHERE id > ? LIMIT ?)",
+                (events_mark, INBOX_LOG_EMPTY_BELOW),
             ).fetchone()[0]
-        if (gone or blanked) and not waiting:
-            # Everything was moved: no payload need stay in the log either.
-            # Never while deliveries pour in (cutting the log at each of its
-            # restarts, journal_size_limit, raised their p99 by half); a
-            # reader holds it up 50 ms at most.
-            self.inbox.empty_log(wait_seconds=INBOX_LOG_WAIT_SECONDS)
+        self._inbox_log_dirty = self._inbox_log_dirty or bool(gone or blanked)
+        if self._inbox_log_dirty and waiting < INBOX_LOG_EMPTY_BELOW:
+            # Moved payloads need not stay in the log either. Not while
+            # deliveries pour in (cutting the log at each of its restarts,
+            # journal_size_limit, raised their p99 by half); a reader holds
+            # it up 50 ms at most, and a log not emptied is tried again.
+            try:
+                if self.inbox.empty_log(wait_seconds=INBOX_LOG_WAIT_SECONDS):
+                    self._inbox_log_dirty = False
+            except sqlite3.Error as exc:
+                log.debug("inbox log not emptied yet: %s", exc)
         return gone
+
+    #: The inbox's log may hold payloads that were moved (see clean_inbox).
+    _inbox_log_dirty = False
 
     def unqueue(self, keys):
         """Set events back to 'received' when their jobs never reached Redis."""
@@ -1013,7 +1024,19 @@ class Store(_Database):
         except _RollBack:
             pass
         else:
-            self.empty_log()  # the deleted rows' earlier versions, too
+            # The deleted rows' earlier versions go from the log, too.
+            try:
+                emptied = self.empty_log()
+            except sqlite3.Error as exc:
+                emptied, reason = False, str(exc)
+            else:
+                reason = "a reader held it for the whole busy timeout"
+            if not emptied:
+                log.warning(
+                    "purge: the write-ahead log still holds purged rows (%s);"
+                    " run purge again to empty it",
+                    reason,
+                )
         return counts
 
 

@@ -275,6 +275,22 @@ def test_no_message_text_is_left_in_the_inbox_files_once_moved(store):
     assert rows(store, "webhook_events", "payload LIKE '%very private%'")
 
 
+def test_a_log_a_reader_kept_from_emptying_is_emptied_at_the_next_clean(store):
+    stored(store, 50, text="a very private message")
+    store.move_inbox(100)
+    reader = sqlite3.connect(store.inbox.path)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM inbox_events").fetchone()
+
+    store.clean_inbox()  # the reader holds the log: it cannot be emptied now
+    assert "a very private message" in file_text(store.inbox.path)
+
+    reader.rollback()
+    reader.close()
+    assert store.clean_inbox() == 0  # nothing more to delete, but the log goes
+    assert "a very private message" not in file_text(store.inbox.path)
+
+
 def test_purge_leaves_no_message_text_in_the_database_files(store):
     stored(store, 50, text="a very private message")
     store.move_inbox(100)
