@@ -52,9 +52,10 @@ CHECKPOINT_INTERVAL_SECONDS = 0.2
 #: The web deletes inbox rows the relay has moved this often.
 INBOX_CLEAN_SECONDS = 1.0
 #: Once fewer events than this wait in the inbox, its log is emptied of the
-#: moved ones; readers may delay that this long.
+#: moved ones, at most this often; readers may delay that this long.
 INBOX_LOG_EMPTY_BELOW = 100
-INBOX_LOG_WAIT_SECONDS = 0.05
+INBOX_LOG_EMPTY_SECONDS = 10.0
+INBOX_LOG_WAIT_SECONDS = 0.02
 #: The lock file writers take turns with sits beside the database file.
 WRITE_LOCK_SUFFIX = "-writer.lock"
 #: The inbox (see Inbox) sits beside the main database file.
@@ -517,11 +518,16 @@ class Store(_Database):
                 (events_mark, INBOX_LOG_EMPTY_BELOW),
             ).fetchone()[0]
         self._inbox_log_dirty = self._inbox_log_dirty or bool(gone or blanked)
-        if self._inbox_log_dirty and waiting < INBOX_LOG_EMPTY_BELOW:
+        if (
+            self._inbox_log_dirty
+            and waiting < INBOX_LOG_EMPTY_BELOW
+            and time.monotonic() - self._inbox_log_tried >= INBOX_LOG_EMPTY_SECONDS
+        ):
             # Moved payloads need not stay in the log either. Not while
-            # deliveries pour in (cutting the log at each of its restarts,
-            # journal_size_limit, raised their p99 by half); a reader holds
-            # it up 50 ms at most, and a log not emptied is tried again.
+            # deliveries pour in, and not often: deliveries wait meanwhile
+            # (cutting the log at each of its restarts, journal_size_limit,
+            # raised their p99 by half). A log not emptied is tried again.
+            self._inbox_log_tried = time.monotonic()
             try:
                 if self.inbox.empty_log(wait_seconds=INBOX_LOG_WAIT_SECONDS):
                     self._inbox_log_dirty = False
@@ -531,6 +537,7 @@ class Store(_Database):
 
     #: The inbox's log may hold payloads that were moved (see clean_inbox).
     _inbox_log_dirty = False
+    _inbox_log_tried = float("-inf")
 
     def unqueue(self, keys):
         """Set events back to 'received' when their jobs never reached Redis."""

@@ -275,7 +275,10 @@ def test_no_message_text_is_left_in_the_inbox_files_once_moved(store):
     assert rows(store, "webhook_events", "payload LIKE '%very private%'")
 
 
-def test_a_log_a_reader_kept_from_emptying_is_emptied_at_the_next_clean(store):
+def test_a_log_a_reader_kept_from_emptying_is_emptied_at_the_next_clean(
+    store, monkeypatch
+):
+    monkeypatch.setattr(storage, "INBOX_LOG_EMPTY_SECONDS", 0)
     stored(store, 50, text="a very private message")
     store.move_inbox(100)
     reader = sqlite3.connect(store.inbox.path)
