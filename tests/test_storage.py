@@ -252,6 +252,17 @@ def test_events_stored_after_a_clean_sweep_still_move(store):
     assert rows_of(store.inbox, "inbox_events") == later[-1:]
 
 
+def reopened_without(store, path):
+    """Close the store, delete one database file, and open the store again."""
+    store.close()
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    fresh = storage.Store(store.path)
+    fresh.init_schema()
+    return fresh
+
+
 def file_text(path):
     """Return a database file and its write-ahead log as text, for searching."""
     text = ""
@@ -312,14 +323,7 @@ def test_a_cleaned_row_is_not_moved_again_into_a_new_main_database(store, env):
     [first, second] = stored(store, 2)
     store.move_inbox(10)
     store.clean_inbox()  # the second stays, without its payload
-    store.close()
-    for suffix in ("", "-wal", "-shm"):  # an operator starts a new main database
-        path = env["DATABASE_PATH"] + suffix
-        if os.path.exists(path):
-            os.remove(path)
-
-    fresh = storage.Store(env["DATABASE_PATH"])
-    fresh.init_schema()
+    fresh = reopened_without(store, env["DATABASE_PATH"])  # a new main database
     [later] = stored(fresh, 1)
 
     assert fresh.move_inbox(10) == 1
@@ -350,14 +354,8 @@ def test_a_new_inbox_file_is_moved_from_its_start(store, env):
     stored(store, 2)
     store.move_inbox(10)
     store.clean_inbox()
-    store.close()
-    for suffix in ("", "-wal", "-shm"):  # an operator removed the inbox
-        path = env["DATABASE_PATH"] + storage.INBOX_SUFFIX + suffix
-        if os.path.exists(path):
-            os.remove(path)
-
-    fresh = storage.Store(env["DATABASE_PATH"])
-    fresh.init_schema()
+    # An operator removed the inbox.
+    fresh = reopened_without(store, env["DATABASE_PATH"] + storage.INBOX_SUFFIX)
     [key] = stored(fresh, 1)
 
     assert fresh.move_inbox(10) == 1
