@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -436,6 +437,9 @@ def _install_stop_handlers():
     def stop(signum, frame):
         if STOP.is_set():
             log.warning("stopping now, without waiting for the jobs in hand")
+            # RQ's scheduler runs in a child process that exit would wait for.
+            for child in multiprocessing.active_children():
+                child.terminate()
             raise SystemExit(1)
         log.info("stopping once the jobs in hand are done")
         STOP.set()
