@@ -75,9 +75,12 @@ def run_pass(store, queue, settings, relay_all=False):
     }
 
 
-def queue_room(queue):
-    """Return how many more jobs the relay may put on the queue now."""
-    return max(0, QUEUE_AHEAD - queue.count)
+def queue_room(queue, waiting=None):
+    """Return how many more jobs the relay may put on the queue now.
+
+    ``waiting``: the queue's length, when the caller has just read it.
+    """
+    return max(0, QUEUE_AHEAD - (queue.count if waiting is None else waiting))
 
 
 def relay_received(store, queue, settings, most=None):
@@ -410,7 +413,7 @@ class Relay(threading.Thread):
             ex=queueing.RELAY_HEARTBEAT_SECONDS,
         )
         waiting, _ = pipe.execute()
-        return max(0, QUEUE_AHEAD - waiting)
+        return queue_room(self.queue, waiting)
 
     def stop(self):
         self.stopped.set()

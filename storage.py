@@ -423,10 +423,11 @@ class Store(_Database):
             )
         return known
 
-    def _inbox_marks(self, inbox_id):
-        """Return the last inbox event and audit ids moved (0, 0 at first)."""
+    def _inbox_marks(self):
+        """Return the last ids moved from this inbox: events, audit (0, 0 at first)."""
         row = self.db.execute(
-            "SELECT events, audit FROM inbox_moved WHERE inbox = ?", (inbox_id,)
+            "SELECT events, audit FROM inbox_moved WHERE inbox = ?",
+            (self.inbox.identity(),),
         ).fetchone()
         return tuple(row) if row else (0, 0)
 
@@ -443,7 +444,7 @@ class Store(_Database):
         inbox = self.inbox.db
         with self.transaction() as db:
             inbox_id = self.inbox.identity()
-            events_mark, audit_mark = self._inbox_marks(inbox_id)
+            events_mark, audit_mark = self._inbox_marks()
             events = inbox.execute(
                 "SELECT id, event_key, kind, account_id, occurred_at, received_at,"
                 " payload FROM inbox_events WHERE id > ? ORDER BY id LIMIT ?",
@@ -505,7 +506,7 @@ class Store(_Database):
         """
         self.inbox.db.execute("PRAGMA secure_delete = ON")
         with self.inbox.transaction() as inbox:
-            events_mark, audit_mark = self._inbox_marks(self.inbox.identity())
+            events_mark, audit_mark = self._inbox_marks()
             gone = _delete_moved(inbox, "inbox_events", events_mark)
             _delete_moved(inbox, "inbox_audit", audit_mark)
             blanked = inbox.execute(
@@ -589,7 +590,7 @@ class Store(_Database):
 
     def anything_to_queue(self):
         """Tell, with reads that take no lock, whether anything waits for the relay."""
-        events_mark, audit_mark = self._inbox_marks(self.inbox.identity())
+        events_mark, audit_mark = self._inbox_marks()
         return bool(
             self.inbox.db.execute(
                 "SELECT EXISTS (SELECT 1 FROM inbox_events WHERE id > ?)"
@@ -604,7 +605,7 @@ class Store(_Database):
     def waiting_for_queue(self, older_than_seconds=0.0):
         """Count events stored but not queued yet, received over this long ago."""
         cutoff = now_iso(-older_than_seconds)
-        events_mark, _ = self._inbox_marks(self.inbox.identity())
+        events_mark, _ = self._inbox_marks()
         in_inbox = self.inbox.db.execute(
             "SELECT COUNT(*) FROM inbox_events WHERE id > ? AND received_at < ?",
             (events_mark, cutoff),
@@ -899,7 +900,7 @@ class Store(_Database):
         rows = self.db.query(
             "SELECT * FROM audit_log WHERE event_key = ? ORDER BY id", [key]
         )
-        _, audit_mark = self._inbox_marks(self.inbox.identity())
+        _, audit_mark = self._inbox_marks()
         unmoved = self.inbox.db.query(
             "SELECT event_key, action, detail, at FROM inbox_audit"
             " WHERE id > ? AND event_key = ? ORDER BY id",
@@ -987,7 +988,7 @@ class Store(_Database):
 
     def _unmoved_events(self, where, params, limit):
         """Return inbox events the relay has not moved, as 'received' event rows."""
-        events_mark, _ = self._inbox_marks(self.inbox.identity())
+        events_mark, _ = self._inbox_marks()
         rows = self.inbox.db.query(
             "SELECT event_key, kind, account_id, occurred_at, received_at, payload"
             f" FROM inbox_events WHERE id > ? AND {where} ORDER BY id DESC LIMIT ?",

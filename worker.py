@@ -461,8 +461,9 @@ def _lower_priority(nice):
     then runs only on CPU time no ordinary process wants, and a web
     process that wakes up takes the CPU back at once. Beside busy workers
     the web reached 0.43-0.48 of bench/ingest.py's ceiling with niceness
-    19 alone, 0.47-0.58 in the idle class, and 0.55-0.67 with no worker
-    at all (see README, Performance).
+    19 alone and 0.47-0.58 in the idle class; even so the workers took a
+    tenth of a core from it, hence the flood pause (see README,
+    Performance).
 
     Where the kernel groups processes by session (autogroup, on by default
     in many distributions), priorities only order processes inside one
